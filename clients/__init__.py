@@ -1,0 +1,23 @@
+"""Client-side logic, by name. The ClientApp dispatches each message to the logic the server names.
+
+The server puts ``keys.CLIENT_LOGIC`` (default ``"weights"``) and the resolved experiment
+(``keys.EXPERIMENT``) into every message's ConfigRecord, so a SuperNode needs nothing but its
+partition id. Add a client: write ``clients/<paper>.py`` with a :class:`ClientLogic` subclass,
+register it with ``@CLIENTS.register("<name>")`` and import the module below.
+
+Client mods (privacy mechanisms paired with server wrappers) go into ``MODS``; each one must pass
+messages through untouched unless the experiment config turns it on.
+"""
+
+from __future__ import annotations
+
+from fedkd.registry import Registry
+
+from .base import ClientEnv, ClientLogic, client_env, node_record, reply
+
+CLIENTS: Registry[type[ClientLogic]] = Registry("client")
+MODS: list = []
+
+from . import weights  # noqa: E402,F401  (registers "weights")
+
+__all__ = ["CLIENTS", "MODS", "ClientEnv", "ClientLogic", "client_env", "node_record", "reply"]

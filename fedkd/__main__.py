@@ -1,0 +1,5 @@
+import sys
+
+from fedkd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""The ``fedkd`` command.
+
+    fedkd run [CONFIG] [--set section.key=value ...] [--out DIR]
+    fedkd report RUN_DIR
+
+Bad configuration ends with one line on stderr naming the key, exit code 2, and no run directory.
+Other subcommands (privacy, attack, deploy) register themselves through ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from fedkd.config import ConfigError
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def deco(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = (help, add_arguments, fn)
+        return fn
+
+    return deco
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment TOML (default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. --set run.rounds=5 (repeatable)")
+    p.add_argument("--out", help="run directory (default: run.out_dir/<run.name>-<time>)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    add_experiment_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("run", "run an experiment in simulation", _run_args)
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedkd.config import load_config
+    from fedkd.experiment import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_experiment(cfg, args.out, progress=not args.no_progress)
+    print_summary(summary)
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory written by fedkd run")
+
+
+@command("report", "print a run's summary and write accuracy/loss plots", _report_args)
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedkd.results import plot_run, read_run
+
+    summary, df = read_run(args.run_dir)
+    print_summary(summary)
+    srv = df[(df["node"] == "server") & (df["split"] == "test")].pivot_table(index="round", columns="metric", values="value")
+    if len(srv):
+        print("\nglobal model on the server's test set:")
+        print(srv.to_string(float_format=lambda v: f"{v:.4f}"))
+    for path in plot_run(args.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    keys = ["status", "strategy", "dataset", "rounds", "accuracy", "loss", "wall_s", "rounds_wall_s", "bytes_up", "bytes_down", "privacy_mechanism", "epsilon", "delta", "run_dir"]
+    print("\nsummary")
+    for k in keys:
+        if k in summary:
+            v = summary[k]
+            print(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
+    if summary.get("failures"):
+        print(f"  failures           {json.dumps(summary['failures'][:3])}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_commands()
+    parser = argparse.ArgumentParser(prog="fedkd", description="Privacy research in federated learning on Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, add, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def _load_commands() -> None:
+    """Subcommands defined by other packages register on import."""
+    import importlib
+
+    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"fedkd: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"fedkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Dataset loaders, by name. Each returns (pool, server_test or None, extras or None)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedkd.registry import Registry
+
+from .arrays import ArrayDataset
+from .hub import load_hub
+from .idx import find_idx, read_idx
+from .synthetic import generate_subjects
+
+Loaded = tuple[ArrayDataset, "ArrayDataset | None", "dict | None"]
+DATASETS: Registry[Callable[..., Loaded]] = Registry("dataset")
+
+
+@DATASETS.register("digits")
+def load_digits(cfg, seed: int) -> Loaded:
+    """scikit-learn's bundled 8x8 digits (1,797 images, offline)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
+    return ArrayDataset(x, d.target.astype(np.int64), 10), None, None
+
+
+@DATASETS.register("mnist")
+def load_mnist(cfg, seed: int) -> Loaded:
+    """MNIST from IDX files in ``data.data_dir`` (train and/or t10k), else from the hub."""
+    if cfg.data_dir and any(Path(cfg.data_dir).glob("*.parquet")):
+        return (*load_hub("ylecun/mnist", image_key="image", label_key="label", num_classes=10, data_dir=cfg.data_dir), None)
+    if cfg.data_dir:
+        parts = {}
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            xi, yi = find_idx(cfg.data_dir, f"{prefix}-images-idx3-ubyte"), find_idx(cfg.data_dir, f"{prefix}-labels-idx1-ubyte")
+            if xi and yi:
+                x = read_idx(xi).astype(np.float32)[:, None] / 255.0
+                parts[split] = ArrayDataset(x, read_idx(yi).astype(np.int64), 10)
+        if not parts:
+            raise FileNotFoundError(f"no MNIST IDX files (train-*/t10k-*-ubyte[.gz]) in {cfg.data_dir}")
+        if "train" in parts:
+            return parts["train"], parts.get("test"), None
+        return parts["test"], None, None  # only the test set: fedkd splits a server test set off it
+    return (*load_hub("ylecun/mnist", image_key="image", label_key="label", num_classes=10), None)
+
+
+@DATASETS.register("cifar10")
+def load_cifar10(cfg, seed: int) -> Loaded:
+    return (*load_hub("uoft-cs/cifar10", image_key="img", label_key="label", num_classes=10, data_dir=cfg.data_dir), None)
+
+
+@DATASETS.register("femnist")
+def load_femnist(cfg, seed: int) -> Loaded:
+    """FEMNIST (62 classes); the writer id is kept as the subject id."""
+    return (
+        *load_hub(
+            "flwrlabs/femnist", image_key="image", label_key="character", subject_key="writer_id",
+            num_classes=62, data_dir=cfg.data_dir,
+        ),
+        None,
+    )
+
+
+@DATASETS.register("synthetic-subjects")
+def load_synthetic_subjects(cfg, seed: int) -> Loaded:
+    data, model, holders = generate_subjects(
+        num_subjects=cfg.num_subjects,
+        records_per_subject=cfg.records_per_subject,
+        num_clients=cfg.num_clients,
+        subjects_per_client=min(cfg.subjects_per_client, cfg.num_subjects),
+        separation=cfg.subject_separation,
+        seed=seed,
+    )
+    members = data.take(np.flatnonzero(data.client >= 0))
+    # The server's test set: fresh records from the same subject distributions.
+    rng = np.random.default_rng(seed + 1)
+    per = max(1, round(cfg.records_per_subject * cfg.server_test_fraction))
+    xs, ys, ss = [], [], []
+    for s in range(cfg.num_subjects):
+        x, y = model.sample(s, per, rng)
+        xs.append(x)
+        ys.append(y)
+        ss.append(np.full(per, s))
+    test = ArrayDataset(np.concatenate(xs), np.concatenate(ys), data.num_classes, subject=np.concatenate(ss))
+    return members, test, {"subject_model": model, "holders": holders}

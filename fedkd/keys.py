@@ -1,0 +1,30 @@
+"""Names that cross process boundaries (message records, metric keys, node config)."""
+
+# Records inside a Message's RecordDict (the "arrays"/"config" keys are FedAvg's defaults).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NODE = "fedkd.node"  # ConfigRecord in replies: who answered (partition id, model name)
+
+# Keys inside the ConfigRecord sent to clients.
+EXPERIMENT = "fedkd.experiment"  # the resolved experiment config as JSON
+CLIENT_LOGIC = "fedkd.client"  # name in fedkd.clients.CLIENTS; "weights" when absent
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+
+# Keys inside reply MetricRecords.
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+LOSS = "loss"
+ACCURACY = "accuracy"
+EPSILON = "epsilon"
+
+# Keys inside the NODE ConfigRecord of replies.
+PARTITION_ID = "partition-id"
+MODEL_NAME = "model-name"
+
+# Node config (set by the simulation runtime, or by `flower-supernode --node-config`).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+# Records kept in Context.state between rounds.
+STATE_DP_HISTORY = "fedkd.dp-history"

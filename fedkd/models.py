@@ -1,0 +1,93 @@
+"""Models by name. Inputs are (B, C, H, W) images in [0, 1]; outputs are logits (B, K).
+
+- ``mlp``: Flatten -> hidden layers (``model.hidden``, default 64-64) with ReLU -> K.
+- ``cnn``: two 3x3 conv blocks (16, 32 channels, ReLU, 2x2 max-pool) -> FC 64 -> K; works for 8x8,
+  28x28 and 32x32 inputs.
+- ``lenet``: the sigmoid LeNet of DLG (Zhu et al. 2019): three 5x5 convs (12 channels, strides 2, 2, 1)
+  with sigmoid activations and one linear layer. :func:`init_uniform` gives DLG's U(-0.5, 0.5) weights.
+
+Dropout (``model.dropout``) sits before each hidden linear layer's activation output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fedkd.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+@MODELS.register("mlp")
+def mlp(input_shape, num_classes: int, hidden=(64, 64), dropout: float = 0.0) -> nn.Module:
+    c, h, w = input_shape
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = c * h * w
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@MODELS.register("cnn")
+def cnn(input_shape, num_classes: int, hidden=(64,), dropout: float = 0.0) -> nn.Module:
+    c, h, w = input_shape
+    fc = hidden[0] if hidden else 64
+    layers: list[nn.Module] = [
+        nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, H/2, W/2)
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, H/4, W/4)
+        nn.Flatten(),
+        nn.Linear(32 * (h // 4) * (w // 4), fc), nn.ReLU(),
+    ]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(fc, num_classes))
+    return nn.Sequential(*layers)
+
+
+@MODELS.register("lenet")
+def lenet(input_shape, num_classes: int, hidden=(), dropout: float = 0.0) -> nn.Module:
+    c, h, w = input_shape
+    layers: list[nn.Module] = [
+        nn.Conv2d(c, 12, 5, padding=2, stride=2), nn.Sigmoid(),  # (B, 12, ceil(H/2), ceil(W/2))
+        nn.Conv2d(12, 12, 5, padding=2, stride=2), nn.Sigmoid(),  # (B, 12, ceil(H/4), ceil(W/4))
+        nn.Conv2d(12, 12, 5, padding=2, stride=1), nn.Sigmoid(),
+        nn.Flatten(),
+    ]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(12 * (-(-h // 4)) * (-(-w // 4)), num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_model(name: str, input_shape, num_classes: int, hidden=None, dropout: float = 0.0) -> nn.Module:
+    """The model ``name`` for inputs of ``input_shape`` (C, H, W). ``hidden=None`` = the model's default."""
+    fn = MODELS.get(name)
+    kwargs = {"dropout": dropout}
+    if hidden is not None and name in ("mlp", "cnn"):
+        kwargs["hidden"] = tuple(hidden) if name == "mlp" else tuple(hidden[:1])
+    return fn(tuple(input_shape), num_classes, **kwargs)
+
+
+def model_from_config(model_cfg, partition_id: int, input_shape, num_classes: int) -> nn.Module:
+    name = model_cfg.for_partition(partition_id)
+    return build_model(name, input_shape, num_classes, hidden=model_cfg.hidden if name == "mlp" else None, dropout=model_cfg.dropout)
+
+
+def init_uniform(model: nn.Module, bound: float = 0.5, seed: int | None = None) -> nn.Module:
+    """DLG's initialisation: every weight and bias uniform in [-bound, bound]."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 2 * bound - bound)
+    return model
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Privacy mechanisms and accountants (RQM, Gaussian DP-FedAvg, DP-SGD helpers)."""

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from fedkd.config import load_config  # noqa: E402
+
+
+def small(*overrides: str):
+    """A tiny digits federation: 4 clients, 2 rounds, 1 local epoch."""
+    base = ["data.num_clients=4", "run.rounds=2", "train.local_epochs=1", "data.min_partition_size=5"]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def small_cfg():
+    return small
