@@ -26,11 +26,11 @@ def run_experiment(
     data and its partitioning, the strategy's own settings), so a bad experiment leaves nothing behind.
     With ``write=False`` nothing is written at all.
     """
-    from fedkd.strategies import STRATEGIES
+    from fedkd.strategies import build_strategy
 
     t0 = time.perf_counter()
     fed = load_federation(cfg.data, cfg.run.seed)
-    spec = STRATEGIES.get(cfg.strategy.name).build(cfg, fed)
+    spec = build_strategy(cfg, fed)
     recorder = RunRecorder(new_run_dir(cfg, out) if write else None)
     if recorder.out_dir is not None:
         echo(f"run directory: {recorder.out_dir}")

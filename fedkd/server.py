@@ -56,6 +56,14 @@ def quiet_flower(verbose: bool = False):
         logger.setLevel(old)
 
 
+# Extension hooks, filled by other packages at import time:
+# OBSERVER_FACTORIES: (cfg, run_dir or None) -> Observer or None. Observers see every exchange
+#   (round, sent messages, replies) of any run, in simulation and deployment (e.g. attack recordings).
+# SUMMARY_HOOKS: (cfg, recorder) -> dict of extra summary.json fields (e.g. privacy accounting).
+OBSERVER_FACTORIES: list = []
+SUMMARY_HOOKS: list = []
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)  # Flower samples nodes with the `random` module
     np.random.seed(seed)
@@ -75,15 +83,20 @@ def run_server(
     """Run the configured strategy on ``grid``; metrics go to ``recorder``. Returns Flower's Result."""
     from tqdm.auto import tqdm
 
-    from fedkd.strategies import STRATEGIES
+    from fedkd.strategies import build_strategy
 
     seed_everything(cfg.run.seed)
     fed = load_federation(cfg.data, cfg.run.seed)
     if spec is None:
-        spec = STRATEGIES.get(cfg.strategy.name).build(cfg, fed)
+        spec = build_strategy(cfg, fed)
     seed_everything(cfg.run.seed)
     conf = {keys.EXPERIMENT: cfg.to_json(), keys.CLIENT_LOGIC: spec.client, **(spec.extra_config or {})}
-    rgrid = RecordingGrid(grid, recorder, observers or [])
+    observers = list(observers or [])
+    for factory in OBSERVER_FACTORIES:
+        obs = factory(cfg, recorder.out_dir)
+        if obs is not None:
+            observers.append(obs)
+    rgrid = RecordingGrid(grid, recorder, observers)
     bar = tqdm(total=cfg.run.rounds, desc=f"{cfg.strategy.name} rounds", unit="round", disable=not progress, leave=False)
     if progress and echo is print:
         echo = tqdm.write  # keep the table above the progress bar
@@ -148,6 +161,8 @@ def summarize(cfg: ExperimentConfig, recorder: RunRecorder, t0: float, status: s
         "backend": cfg.simulation.backend,
         "failures": recorder.failures[:20],
     }
+    for hook in SUMMARY_HOOKS:
+        summary.update(hook(cfg, recorder))
     if error is not None:
         summary["error"] = error
     return write_summary(recorder.out_dir, summary)

@@ -13,6 +13,18 @@ from .base import StrategyEntry, StrategySpec, central_evaluate_fn, global_model
 
 STRATEGIES: Registry[StrategyEntry] = Registry("strategy")
 
+# privacy.mechanism -> wrapper(spec, cfg, federation) -> spec. A mechanism that is a server-side
+# wrapper around any weight-aggregating strategy (paired with a client mod in fedkd.clients.MODS)
+# registers here; run_server applies it to whatever strategy the experiment names.
+PRIVACY_WRAPPERS: dict = {}
+
+
+def build_strategy(cfg, fed) -> StrategySpec:
+    """The experiment's strategy, wrapped by its privacy mechanism when that mechanism is a wrapper."""
+    spec = STRATEGIES.get(cfg.strategy.name).build(cfg, fed)
+    wrap = PRIVACY_WRAPPERS.get(cfg.privacy.mechanism)
+    return wrap(spec, cfg, fed) if wrap is not None else spec
+
 from . import fedavg  # noqa: E402,F401  (registers "fedavg", "fedprox")
 
-__all__ = ["STRATEGIES", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
+__all__ = ["PRIVACY_WRAPPERS", "STRATEGIES", "build_strategy", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
