@@ -142,9 +142,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
 
 def dp_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """(sample rate, steps per local training) for Poisson sampling with expected batch ``batch_size``."""
-    q = min(1.0, batch_size / max(num_examples, 1))
-    return q, epochs * math.ceil(1.0 / q)
+    """(sample rate, steps) of one local training, as Opacus' Poisson sampler makes them:
+    ``ceil(N / batch_size)`` batches per epoch, each record included with probability 1 / that."""
+    batches = max(1, math.ceil(num_examples / batch_size))
+    return 1.0 / batches, epochs * batches
 
 
 @torch.no_grad()
