@@ -3,13 +3,15 @@
 - ``client_app``: dispatches each message to the client logic the server names in its config
   (``fedkd.clients.CLIENTS``), with the registered client mods around it.
 - ``server_app``: for ``flwr run`` (deployment or Flower's managed simulation). It reads the
-  experiment from the run config: ``config`` (path of an experiment TOML) plus dotted overrides
-  (``"run.rounds" = 3``), and ``out`` (the run directory; default ``run.out_dir/<name>-<time>``).
+  experiment from the run config: ``config`` (path of an experiment TOML), ``set`` (space-separated
+  ``section.key=value`` overrides) and ``out`` (the run directory; default
+  ``run.out_dir/<name>-<time>``).
   In-process simulations call :func:`fedkd.server.run_server` directly instead.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -52,6 +54,7 @@ def config_from_run_config(run_config: dict, app_dir: str | Path | None = None):
             p = next((c for c in candidates if c.is_file()), p)
         path = p
     overrides = [f"{k}={_as_text(v)}" for k, v in flat_overrides(dict(run_config)).items()]
+    overrides += shlex.split(str(run_config.get("set", "") or ""))
     return load_config(path, overrides)
 
 
