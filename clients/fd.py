@@ -85,5 +85,5 @@ class FDClient(PersonalClient):
             weight_decay=t.weight_decay, device=env.device, seed=env.seed(),
         )
         self.save(context, model)
-        metrics = {**res["metrics"], keys.LABEL_COUNTS: [int(c) for c in res["counts"]]}
+        metrics = {**res["metrics"], "resumed": self.resumed, keys.LABEL_COUNTS: [int(c) for c in res["counts"]]}
         return reply(msg, env, metrics, **{keys.ARRAYS: ArrayRecord({keys.LOGITS: Array(res["logits"])})})

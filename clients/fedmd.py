@@ -74,7 +74,7 @@ class FedMDClient(PersonalClient):
         if phase == SCORE:
             scores = predict_logits(model, x_align, env.device).numpy()  # (A, K) class scores
             pre = personal_metrics(model, env)
-            metrics = {"alignment_size": len(idx), "pre_accuracy": pre[keys.ACCURACY], "pre_global_accuracy": pre[keys.GLOBAL_ACCURACY]}
+            metrics = {"alignment_size": len(idx), "pre_accuracy": pre[keys.ACCURACY], "pre_global_accuracy": pre[keys.GLOBAL_ACCURACY], "resumed": self.resumed}
             return reply(msg, env, metrics, **{keys.ARRAYS: ArrayRecord({keys.LOGITS: Array(scores)})})
         if phase != DIGEST:
             raise ValueError(f"unknown FedMD phase {phase!r}")

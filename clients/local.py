@@ -26,4 +26,4 @@ class LocalClient(PersonalClient):
             momentum=t.momentum, weight_decay=t.weight_decay, device=env.device, seed=env.seed(),
         )
         self.save(context, model)
-        return reply(msg, env, {keys.NUM_EXAMPLES: res.num_examples, keys.LOSS: res.loss, keys.ACCURACY: res.accuracy})
+        return reply(msg, env, {keys.NUM_EXAMPLES: res.num_examples, keys.LOSS: res.loss, keys.ACCURACY: res.accuracy, "resumed": self.resumed})

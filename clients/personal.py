@@ -48,8 +48,11 @@ class PersonalClient(ClientLogic):
         fed = env.federation
         return model_from_config(env.cfg.model, env.partition_id, fed.input_shape, fed.num_classes)
 
+    resumed = 0  # 1 once own_model found the model of an earlier round in Context.state
+
     def own_model(self, env: ClientEnv, context: Context) -> nn.Module:
         rec = context.state.get(keys.STATE_MODEL)
+        self.resumed = int(rec is not None)
         if rec is None:
             model = self.new_model(env, context)
             self.save(context, model)

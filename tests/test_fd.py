@@ -61,6 +61,8 @@ def test_fd_end_to_end_heterogeneous_sends_only_per_label_logits(tmp_path):
     assert summary["personal_accuracy_mean"] > 0.3 and summary["personal_global_accuracy_mean"] > 0.2
     dl = df[(df["metric"] == "distill_loss") & (df["node"] != "server")]
     assert (dl[dl["round"] == 1]["value"] == 0).all() and (dl[dl["round"] == 2]["value"] > 0).all()
+    resumed = df[df["metric"] == "resumed"].pivot_table(index="node", columns="round", values="value")
+    assert (resumed[1] == 0).all() and (resumed[2] == 1).all()  # own model from Context.state in round 2
 
 
 def _rd(k):
@@ -79,3 +81,11 @@ def test_fd_temperature_must_be_positive(value):
 def test_fd_beta_must_be_non_negative():
     with pytest.raises(ConfigError, match="fd.beta"):
         small("strategy.name=fd", "fd.beta=-1")
+
+
+def test_fd_on_flowers_own_simulation_keeps_client_models_across_rounds(tmp_path):
+    s = run_experiment(small("strategy.name=fd", HETERO, "simulation.backend=flower", "data.num_clients=3"), tmp_path / "fl", progress=False)
+    assert s["status"] == "ok" and s["personal_accuracy_mean"] is not None
+    df = pd.read_csv(tmp_path / "fl" / "metrics.csv", dtype={"node": str})
+    resumed = df[(df["metric"] == "resumed")].pivot_table(index="node", columns="round", values="value")
+    assert (resumed[1] == 0).all() and (resumed[2] == 1).all()  # own model from Context.state in round 2
