@@ -28,3 +28,12 @@ NODE_NUM_PARTITIONS = "num-partitions"
 
 # Records kept in Context.state between rounds.
 STATE_DP_HISTORY = "fedkd.dp-history"
+
+# Distillation strategies (FedMD, FD) and personalised evaluation.
+STATE_MODEL = "fedkd.own-model"  # ArrayRecord in Context.state: the client's own (personal) model
+PHASE = "fedkd.phase"  # ConfigRecord: the step of a multi-exchange round (FedMD: "score", "digest")
+ALIGNMENT_SEED = "fedkd.alignment-seed"  # ConfigRecord: FedMD's public alignment subset of this round
+LOGITS = "logits"  # array name inside an ArrayRecord of class scores / per-label logits
+LABEL_COUNTS = "label-counts"  # reply MetricRecord (list[int]): FD's samples per label
+GLOBAL_LOSS = "global_loss"  # reply MetricRecord: a client's own model on the server's test set
+GLOBAL_ACCURACY = "global_accuracy"

@@ -29,8 +29,12 @@ def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarra
 
 
 @functools.lru_cache(maxsize=4)
-def load_federation(cfg, seed: int) -> Federation:
-    """Load ``cfg.dataset``, split off the server's test set, partition the rest into clients."""
+def load_federation(cfg, seed: int, public_fraction: float = 0.0) -> Federation:
+    """Load ``cfg.dataset``, split off the server's test set, partition the rest into clients.
+
+    ``public_fraction`` > 0 holds that share of the pool out as ``Federation.public`` (stratified,
+    seeded) before partitioning, so no client's private data contains it (FedMD's public data).
+    """
     try:
         pool, server_test, extras = DATASETS.get(cfg.dataset)(cfg, seed)
     except FileNotFoundError as e:
@@ -48,6 +52,19 @@ def load_federation(cfg, seed: int) -> Federation:
         strat = pool.y if stratifiable else None
         keep, test = train_test_split(idx, test_size=cfg.server_test_fraction, random_state=seed, stratify=strat)
         server_test, pool = pool.take(np.sort(test)), pool.take(np.sort(keep))
+    public = None
+    if public_fraction > 0:
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(len(pool))
+        k = int(round(len(pool) * public_fraction))
+        counts = np.bincount(pool.y)
+        strat = pool.y if k >= len(counts[counts > 0]) and counts[counts > 0].min() >= 2 else None
+        if 0 < k < len(pool):
+            keep, pub = train_test_split(idx, test_size=k, random_state=seed + 1, stratify=strat)
+            public, pool = pool.take(np.sort(pub)), pool.take(np.sort(keep))
+        else:
+            public = pool.take(np.arange(0))  # empty: the caller reports it
     if cfg.num_clients > len(pool):
         raise ConfigError("data.num_clients", f"{cfg.num_clients} clients but only {len(pool)} training samples")
     parts = PARTITIONERS.get(cfg.partitioner)(pool, cfg, seed)
@@ -59,5 +76,5 @@ def load_federation(cfg, seed: int) -> Federation:
         clients.append(ClientData(pid, pool.take(idx[tr]), pool.take(idx[te])))
     return Federation(
         name=cfg.dataset, clients=tuple(clients), server_test=server_test,
-        num_classes=pool.num_classes, input_shape=pool.input_shape, extras=extras,
+        num_classes=pool.num_classes, input_shape=pool.input_shape, extras=extras, public=public,
     )

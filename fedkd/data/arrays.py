@@ -55,6 +55,7 @@ class Federation:
     num_classes: int
     input_shape: tuple[int, int, int]
     extras: dict | None = None  # dataset-specific metadata (e.g. synthetic subjects' parameters)
+    public: ArrayDataset | None = None  # held out before partitioning (load_federation's public_fraction)
 
     @property
     def num_clients(self) -> int:
