@@ -206,3 +206,5 @@ def test_ctrl_c_stops_every_process(scratch):
     rest, _ = p.communicate(timeout=60)
     assert p.returncode == 130, "".join(seen) + rest
     assert "interrupted" in rest
+    summary = json.loads((scratch / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"

@@ -309,8 +309,8 @@ class LocalDeployment:
         text = line.strip()
         if not text:
             return
-        if text.startswith("fedkd") or text.startswith("round") or text.split()[0].isdigit() or "Error" in text:
-            self.echo(text)
+        if text.startswith(("fedkd", "round", "Successfully started run")) or text.split()[0].isdigit() or "Error" in text:
+            self.echo(line.rstrip())
 
     # ---------------------------------------------------------------- stop
     def stop(self, grace: float = 5.0) -> list[int]:
@@ -406,6 +406,12 @@ def deploy_local(
         if rc != 0 or not (run_dir / "summary.json").is_file():
             why = f"; {dead[0].name} exited with code {dead[0].popen.returncode}: {dead[0].log_tail(2)}" if dead else ""
             raise DeployError(f"flwr run exited with code {rc}{why} (logs in {run_dir / 'deploy'})")
+    except KeyboardInterrupt:
+        _summary_if_missing(cfg, run_dir, "interrupted", "KeyboardInterrupt")
+        raise
+    except BaseException as e:
+        _summary_if_missing(cfg, run_dir, "failed", f"{type(e).__name__}: {e}")
+        raise
     finally:
         killed = dep.stop()
         if old_handler is not None:
@@ -418,6 +424,27 @@ def deploy_local(
     if summary.get("status") != "ok":
         raise DeployError(f"the deployed run ended with status {summary.get('status')}: {summary.get('error')}")
     return summary
+
+
+def _summary_if_missing(cfg, run_dir: Path, status: str, error: str) -> None:
+    """A run the ServerApp could not close itself still gets summary.json (status, error, what finished)."""
+    from fedkd.results import write_summary
+
+    if (run_dir / "summary.json").exists():
+        return
+    rounds_done = 0
+    try:
+        import pandas as pd
+
+        df = pd.read_csv(run_dir / "metrics.csv")
+        rounds_done = int(df[(df["node"] == "server") & (df["round"] > 0)]["round"].nunique())
+    except (OSError, ValueError, KeyError):
+        pass
+    write_summary(run_dir, {
+        "status": status, "run": cfg.run.name, "strategy": cfg.strategy.name, "dataset": cfg.data.dataset,
+        "num_clients": cfg.data.num_clients, "rounds": cfg.run.rounds, "rounds_completed": rounds_done,
+        "backend": "deployment", "error": error,
+    })  # fmt: skip
 
 
 def _check_certs(directory: Path, nodes: int, tls: bool, auth: bool) -> None:
