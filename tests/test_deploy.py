@@ -169,6 +169,18 @@ def test_deploy_local_two_nodes_completes(scratch):
         assert [a for a in ran[name] if a.startswith("--")] == [a for a in doc["services"][name]["command"] if a.startswith("--")]
 
 
+def test_deploy_local_tls_with_the_scripts_certificates(scratch):
+    keys = scratch / "certs"
+    subprocess.run([sys.executable, "-m", "fedkd.deploy.certs", str(keys)], check=True, capture_output=True)
+    out = scratch / "run"
+    assert main(["deploy", "local", "--nodes", "2", "--tls", "--certs", str(keys), *TINY, "--out", str(out), "--timeout", "300"]) == 0
+    check_run(out)
+    ran = json.loads((out / "deploy" / "commands.json").read_text())
+    link = ran["superlink"]
+    assert "--insecure" not in link and link[link.index("--ssl-certfile") + 1] == str(keys.resolve() / "server.pem")
+    assert all("--insecure" not in ran[f"supernode-{i}"] and "--root-certificates" in ran[f"supernode-{i}"] for i in range(2))
+
+
 def test_tls_and_auth_unregistered_node_is_refused(scratch):
     keys = scratch / "certs"
     # the script's certificates and three key pairs, of which only node-0 and node-1 get registered
@@ -208,3 +220,11 @@ def test_ctrl_c_stops_every_process(scratch):
     assert "interrupted" in rest
     summary = json.loads((scratch / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted"
+
+
+def test_failure_stops_every_process_and_keeps_a_summary(scratch, capsys):
+    out = scratch / "run"
+    # the run is given 1 s: flwr run is stopped, the command fails with one line, nothing is left running
+    assert main(["deploy", "local", "--nodes", "2", *TINY, "--out", str(out), "--timeout", "1"]) == 1
+    assert "flwr run exited with code" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"

@@ -19,7 +19,7 @@ def _local_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=None, help="number of SuperNodes, one partition each (default: data.num_clients); sets data.num_clients")
     p.add_argument("--tls", action="store_true", help="TLS between SuperNodes/flwr and the SuperLink (certificates made for this run)")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls): each node's key is registered first")
-    p.add_argument("--certs", metavar="DIR", default=None, help="use the certificates/keys in DIR (from `fedkd deploy certs`) instead of making new ones")
+    p.add_argument("--certs", metavar="DIR", default=None, help="use the certificates/keys in DIR (from `fedkd deploy certs`) instead of making new ones; implies --tls")
     p.add_argument("--timeout", type=float, default=None, help="give up on the run after this many seconds")
 
 

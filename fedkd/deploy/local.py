@@ -128,6 +128,7 @@ class Proc:
     argv: list[str]
     popen: subprocess.Popen
     log: Path
+    essential: bool = False  # the run cannot go on without it (SuperLink, the N SuperNodes)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -158,6 +159,7 @@ class LocalDeployment:
     startup_timeout: float = 60.0
     deploy_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: list[Proc] = field(default_factory=list)
+    died: Proc | None = None  # the essential process whose death ended the run, if any
 
     def __post_init__(self) -> None:
         if self.auth:
@@ -228,13 +230,14 @@ class LocalDeployment:
         self.cli_home.mkdir(parents=True, exist_ok=True)
         (self.cli_home / "config.toml").write_text(connection_toml(d))
         link = self.spawn("superlink", superlink_argv(d))
+        link.essential = True
         self._wait_port(d.superlink_port, link)
         self.echo(f"fedkd deploy: SuperLink on {d.superlink_address} ({'TLS' if d.tls else 'insecure'}{', node auth' if d.auth else ''})")
         if self.auth:
             for i in range(self.nodes):
                 self.register(certs_mod.node_key_paths(d.certs_dir, i)[1])
         for i in range(self.nodes):
-            self.spawn(f"supernode-{i}", supernode_argv(d, i))
+            self.spawn(f"supernode-{i}", supernode_argv(d, i)).essential = True
         self.echo(f"fedkd deploy: {self.nodes} SuperNodes started (ports {', '.join(str(d.node_port(i)) for i in range(self.nodes))})")
         return self
 
@@ -292,6 +295,16 @@ class LocalDeployment:
             timer = threading.Timer(timeout, lambda: _signal(popen.pid, signal.SIGTERM, group=True))
             timer.daemon = True
             timer.start()
+        def watchdog() -> None:  # a dead SuperLink/SuperNode would leave the ServerApp waiting: end the run
+            while popen.poll() is None:
+                dead = [p for p in self.procs if p.essential and not p.alive()]
+                if dead:
+                    self.died = dead[0]
+                    _signal(popen.pid, signal.SIGTERM, group=True)
+                    return
+                time.sleep(1.0)
+
+        threading.Thread(target=watchdog, daemon=True).start()
         try:
             with open(log, "a") as fh:
                 assert popen.stdout is not None
@@ -388,7 +401,8 @@ def deploy_local(
     if nodes < 1:
         raise ConfigError("--nodes", f"must be >= 1 (got {nodes})")
     if certs_dir is not None:
-        _check_certs(Path(certs_dir), nodes, tls or auth, auth)
+        tls = True  # certificates are only for TLS
+        _check_certs(Path(certs_dir), nodes, tls, auth)
     if cfg.data.num_clients != nodes:
         raise ConfigError("data.num_clients", f"must equal --nodes ({nodes}) in a deployment (got {cfg.data.num_clients})")
     # Everything that can fail before a process starts fails here: the data, its partitioning, the strategy.
@@ -402,9 +416,9 @@ def deploy_local(
     try:
         dep.start()
         rc = dep.submit({"config": str(run_dir / "config.toml"), "out": str(run_dir)}, app=app, timeout=timeout)
-        dead = [p for p in dep.procs if p.name.startswith("supernode") and not p.alive()]
+        dead = dep.died
         if rc != 0 or not (run_dir / "summary.json").is_file():
-            why = f"; {dead[0].name} exited with code {dead[0].popen.returncode}: {dead[0].log_tail(2)}" if dead else ""
+            why = f"; {dead.name} exited with code {dead.popen.returncode}: {dead.log_tail(2)}" if dead else ""
             raise DeployError(f"flwr run exited with code {rc}{why} (logs in {run_dir / 'deploy'})")
     except KeyboardInterrupt:
         _summary_if_missing(cfg, run_dir, "interrupted", "KeyboardInterrupt")
