@@ -129,6 +129,13 @@ def test_stage_app_leaves_the_source_tree_alone(tmp_path):
     assert (ROOT / "pyproject.toml").read_text() == before
 
 
+def test_run_config_set_key_overrides_the_experiment():
+    from fedkd.apps import config_from_run_config
+
+    cfg = config_from_run_config({"config": "configs/default.toml", "set": "run.rounds=3 data.num_clients=2", "out": ""}, app_dir=ROOT)
+    assert (cfg.run.rounds, cfg.data.num_clients) == (3, 2)
+
+
 def test_certificates_cover_loopback_and_keys_are_openssh(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -69,6 +69,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
         print(f"fedkd: error: {e}", file=sys.stderr)
         return 1
     print_summary(summary)
+    print(f"  {'deploy_wall_s':<18} {summary['deploy_wall_s']:.4f}   (processes up, flwr run, rounds, processes down)")
     return 0
 
 

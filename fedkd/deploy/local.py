@@ -394,7 +394,7 @@ def deploy_local(
     """
     from fedkd.config import ConfigError
     from fedkd.data import load_federation
-    from fedkd.results import read_run
+    from fedkd.results import read_run, write_summary
     from fedkd.server import new_run_dir
     from fedkd.strategies import build_strategy
 
@@ -433,8 +433,10 @@ def deploy_local(
         if killed:
             echo(f"fedkd deploy: killed {len(killed)} process(es) that ignored SIGTERM")
     summary, _ = read_run(run_dir)
-    summary["run_dir"] = str(run_dir)
+    # the whole deployment: processes starting, flwr run, the rounds, stopping (wall_s is the ServerApp's own)
     summary["deploy_wall_s"] = time.perf_counter() - t0
+    summary = write_summary(run_dir, summary)
+    summary["run_dir"] = str(run_dir)
     if summary.get("status") != "ok":
         raise DeployError(f"the deployed run ended with status {summary.get('status')}: {summary.get('error')}")
     return summary
