@@ -3,9 +3,8 @@
 - ``client_app``: dispatches each message to the client logic the server names in its config
   (``fedkd.clients.CLIENTS``), with the registered client mods around it.
 - ``server_app``: for ``flwr run`` (deployment or Flower's managed simulation). It reads the
-  experiment from the run config: ``config`` (path of an experiment TOML), ``set`` (space-separated
-  ``section.key=value`` overrides) and ``out`` (the run directory; default
-  ``run.out_dir/<name>-<time>``).
+  experiment from the run config: ``config`` (path of an experiment TOML), ``set`` (overrides, e.g.
+  ``set="run.rounds=3 data.num_clients=2"``), and ``out`` (the run directory; default ``run.out_dir/<name>-<time>``).
   In-process simulations call :func:`fedkd.server.run_server` directly instead.
 """
 
@@ -54,6 +53,8 @@ def config_from_run_config(run_config: dict, app_dir: str | Path | None = None):
             p = next((c for c in candidates if c.is_file()), p)
         path = p
     overrides = [f"{k}={_as_text(v)}" for k, v in flat_overrides(dict(run_config)).items()]
+    # `set`: space-separated section.key=value overrides in one string (flwr run accepts only the keys
+    # declared in pyproject.toml's [tool.flwr.app.config], so dotted keys cannot be passed one by one).
     overrides += shlex.split(str(run_config.get("set", "") or ""))
     return load_config(path, overrides)
 
@@ -71,7 +72,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    from fedkd.results import RunRecorder
+    from fedkd.results import RunRecorder, write_summary
     from fedkd.server import new_run_dir, run_server, summarize
 
     t0 = time.perf_counter()
@@ -88,4 +89,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         summarize(cfg, recorder, t0, status="failed", error=f"{type(e).__name__}: {e}")
         raise
     summary = summarize(cfg, recorder, t0)
+    # Under `flwr run` the runtime is Flower's: a deployment (SuperLink + SuperNodes) or its managed simulation.
+    summary["backend"] = "flower-simulation" if "InMemory" in type(grid).__name__ else "deployment"
+    summary = write_summary(recorder.out_dir, summary)
     print(f"fedkd: accuracy {summary['accuracy']:.4f}, summary in {recorder.out_dir / 'summary.json'}", flush=True)
