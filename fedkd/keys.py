@@ -28,3 +28,11 @@ NODE_NUM_PARTITIONS = "num-partitions"
 
 # Records kept in Context.state between rounds.
 STATE_DP_HISTORY = "fedkd.dp-history"
+
+# FedD2S (strategies/fedd2s.py, clients/fedd2s.py) and personalised evaluation.
+FEDD2S_KNOWLEDGE = "fedd2s.knowledge"  # ArrayRecord: features-<depth> (N, d), logits (N, K), labels (N,)
+FEDD2S_SOFT_LABELS = "fedd2s.soft-labels"  # ArrayRecord: soft-labels (N, K), the server's logits per sample
+FEDD2S_DROPS = "fedd2s.drops"  # ConfigRecord key: how many deep layers are dropped this round
+STATE_FEDD2S_MODEL = "fedd2s.model"  # the client's own model, kept in Context.state
+GLOBAL_ACCURACY = "global_accuracy"  # a personal model's accuracy on the server's (global) test set
+GLOBAL_LOSS = "global_loss"

@@ -26,5 +26,6 @@ def build_strategy(cfg, fed) -> StrategySpec:
     return wrap(spec, cfg, fed) if wrap is not None else spec
 
 from . import fedavg  # noqa: E402,F401  (registers "fedavg", "fedprox")
+from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
 
 __all__ = ["PRIVACY_WRAPPERS", "STRATEGIES", "build_strategy", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
