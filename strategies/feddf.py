@@ -253,6 +253,11 @@ def build_feddf(cfg, fed: Federation) -> StrategySpec:
             accs.append(acc)
             losses.append(loss)
         out[keys.ACCURACY], out[keys.LOSS] = float(np.mean(accs)), float(np.mean(losses))
+        for name, stats in strategy.last_distill.items():  # this round's server-side distillation
+            out[f"distill_steps_{name}"] = float(stats["steps"])
+            out[f"distill_val_kl_before_{name}"] = float(stats["val_kl_before"])
+            out[f"distill_val_kl_{name}"] = float(stats["val_kl_after"])
+        strategy.last_distill = {}
         return MetricRecord(out)
 
     return StrategySpec(strategy, pack(initial), evaluate_fn, client="feddf")

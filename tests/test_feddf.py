@@ -71,12 +71,14 @@ def test_proxy_split_is_disjoint_and_held_out():
 
 
 def test_feddf_heterogeneous_end_to_end(tmp_path):
-    cfg = small("strategy.name=feddf", 'model.name=["mlp", "cnn"]', "feddf.max_steps=60", "feddf.eval_every=10", "feddf.patience=30")
+    cfg = small("strategy.name=feddf", 'model.name=["mlp", "cnn"]', "feddf.max_steps=40", "feddf.eval_every=10", "feddf.patience=20")
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
-    assert summary["status"] == "ok" and summary["accuracy"] > 0.3
+    assert summary["status"] == "ok" and summary["accuracy"] > 0.15  # 2 short rounds; chance is 0.1
     df = pd.read_csv(tmp_path / "run" / "metrics.csv", dtype={"node": str})
     server = df[(df["node"] == "server") & (df["round"] == 2)].set_index("metric")["value"]
     assert {"accuracy", "accuracy_mlp", "accuracy_cnn"} <= set(server.index)
+    assert server["distill_steps_mlp"] > 0 and server["distill_steps_cnn"] > 0
+    assert server["distill_val_kl_mlp"] <= server["distill_val_kl_before_mlp"]
     assert server["accuracy"] == pytest.approx((server["accuracy_mlp"] + server["accuracy_cnn"]) / 2)
     # FedDF sends weights: up = every client's model every round (clients 0, 2 run mlp; 1, 3 cnn)
     nbytes = {n: sum(len(a.data) for a in ArrayRecord(build_model(n, (1, 8, 8), 10).state_dict()).values()) for n in ("mlp", "cnn")}
