@@ -20,5 +20,6 @@ MODS: list = []
 
 from . import weights  # noqa: E402,F401  (registers "weights")
 from . import local, fd, fedmd  # noqa: E402,F401  (registers "local", "fd", "fedmd")
+from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
 
 __all__ = ["CLIENTS", "MODS", "ClientEnv", "ClientLogic", "client_env", "node_record", "reply"]

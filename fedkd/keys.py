@@ -37,3 +37,8 @@ LOGITS = "logits"  # array name inside an ArrayRecord of class scores / per-labe
 LABEL_COUNTS = "label-counts"  # reply MetricRecord (list[int]): FD's samples per label
 GLOBAL_LOSS = "global_loss"  # reply MetricRecord: a client's own model on the server's test set
 GLOBAL_ACCURACY = "global_accuracy"
+# FedD2S (strategies/fedd2s.py, clients/fedd2s.py) and personalised evaluation.
+FEDD2S_KNOWLEDGE = "fedd2s.knowledge"  # ArrayRecord: features-<depth> (N, d), logits (N, K), labels (N,)
+FEDD2S_SOFT_LABELS = "fedd2s.soft-labels"  # ArrayRecord: soft-labels (N, K), the server's logits per sample
+FEDD2S_DROPS = "fedd2s.drops"  # ConfigRecord key: how many deep layers are dropped this round
+STATE_FEDD2S_MODEL = "fedd2s.model"  # the client's own model, kept in Context.state

@@ -27,5 +27,6 @@ def build_strategy(cfg, fed) -> StrategySpec:
 
 from . import fedavg  # noqa: E402,F401  (registers "fedavg", "fedprox")
 from . import local, fd, fedmd  # noqa: E402,F401  (registers "local", "fd", "fedmd")
+from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
 
 __all__ = ["PRIVACY_WRAPPERS", "STRATEGIES", "build_strategy", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
