@@ -19,5 +19,6 @@ CLIENTS: Registry[type[ClientLogic]] = Registry("client")
 MODS: list = []
 
 from . import weights  # noqa: E402,F401  (registers "weights")
+from . import rqm  # noqa: E402,F401  (appends the RQM client mod to MODS)
 
 __all__ = ["CLIENTS", "MODS", "ClientEnv", "ClientLogic", "client_env", "node_record", "reply"]

@@ -26,5 +26,7 @@ def build_strategy(cfg, fed) -> StrategySpec:
     return wrap(spec, cfg, fed) if wrap is not None else spec
 
 from . import fedavg  # noqa: E402,F401  (registers "fedavg", "fedprox")
+from . import rqm  # noqa: E402,F401  (PRIVACY_WRAPPERS["rqm"], summary fields of DP runs)
+from . import dp_fedavg  # noqa: E402,F401  (PRIVACY_WRAPPERS["gaussian"])
 
 __all__ = ["PRIVACY_WRAPPERS", "STRATEGIES", "build_strategy", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
