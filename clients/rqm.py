@@ -72,6 +72,7 @@ def rqm_mod(msg: Message, context: Context, call_next) -> Message:
     metrics = reply.content[keys.METRICS]
     metrics[keys.EPSILON] = float(rqm.epsilon(params, coords, rounds, cfg.privacy.delta))
     metrics[keys.RQM_LEVELS] = int(params.levels)
+    metrics[keys.RQM_COORDS] = int(coords)
     return reply
 
 

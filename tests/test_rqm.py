@@ -75,6 +75,21 @@ def test_worst_pair_is_maximised_over_inputs_not_just_the_ends():
     assert best == pytest.approx(grid_max(p, 64.0, k=151), rel=1e-9)  # the grid holds -14/15 too
 
 
+def test_secure_aggregate_rdp_is_exact_for_small_n():
+    p = rqm.RQMParams(1.0, 1.0, 6, 0.5)
+    alphas = (2.0, 8.0)
+    np.testing.assert_allclose(rqm.aggregate_rdp(p, alphas, 1), rqm.rdp(p, alphas))  # n = 1: the local RDP
+    agg = rqm.aggregate_rdp(p, alphas, 2)
+    assert np.all(agg <= rqm.rdp(p, alphas) + 1e-12)  # the sum is a post-processing of one output
+    # brute force over a grid of the other client's input and the differing pair (grid holds the levels)
+    xs = np.unique(np.concatenate([np.linspace(-1, 1, 21), rqm.candidate_inputs(p)]))
+    P = [rqm.pmf(float(x), p) for x in xs]
+    for a, exact in zip(alphas, agg):
+        brute = max(rqm.renyi_divergence(np.convolve(u, o), np.convolve(v, o), a) for o in P for u in P for v in P)
+        assert exact == pytest.approx(brute, rel=1e-9)
+    assert rqm.aggregate_rdp(p, alphas, 200) is None  # too many configurations: no claim
+
+
 def test_composition_conversion_and_calibration():
     p = rqm.RQMParams(0.05, 0.5, 16, 0.5)
     e1 = rqm.epsilon(p, coords=100, rounds=1, delta=1e-5)
@@ -138,6 +153,7 @@ def test_rqm_federation_sends_level_indices_and_reports_epsilon(tmp_path):
     d = sum(a.size for a in obs.arrays) // 8  # 4 clients x 2 rounds
     assert s["epsilon"] == pytest.approx(rqm.epsilon(rqm.RQMParams(0.05, 0.05, 16, 0.5), d, 2, 1e-5), rel=1e-6)
     assert s["privacy_unit"] == "client" and s["bits_per_coordinate"] == 4 and s["privacy_guarantee"].startswith("local")
+    assert 0 < s["epsilon_secure_aggregate"] < s["epsilon"]
     assert s["bytes_up"] < s["bytes_down"] / 2 / 3  # uint8 indices vs float32 models
     assert s["accuracy"] is not None and s["accuracy"] > 0.1
 

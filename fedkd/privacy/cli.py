@@ -31,6 +31,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--alpha", type=float, action="append", help="Renyi order > 1 (repeatable; default 2 4 8 16 32 64)")
     _composition_args(r)
     r.add_argument("--target-epsilon", type=float, help="calibrate --extend to this epsilon (needs --coords and --rounds)")
+    r.add_argument("--clients", type=int, help="also the exact RDP of the sum of this many clients (secure aggregation)")
     g = sub.add_parser("gaussian", help="central Gaussian DP-FedAvg: epsilon or calibrated noise multiplier")
     g.add_argument("--noise-multiplier", type=float)
     g.add_argument("--target-epsilon", type=float)
@@ -103,6 +104,15 @@ def _rqm(args) -> dict:
         grid = tuple(sorted(set(rqm.DEFAULT_ALPHAS) | set(alphas)))
         eps, best = rqm.eps_from_rdp(grid, rqm.compose(rqm.rdp(p, grid), args.coords, args.rounds), args.delta)
         out.update(coords=args.coords, rounds=args.rounds, delta=args.delta, epsilon=eps, best_alpha=best)
+    if args.clients is not None:
+        if args.clients < 1:
+            raise ConfigError("--clients", f"must be >= 1 (got {args.clients})")
+        agg = rqm.aggregate_rdp(p, alphas, args.clients)
+        if agg is None:
+            raise ConfigError("--clients", f"too many clients for the exact sum accountant (got {args.clients})")
+        out["rdp_secure_aggregate"] = {f"{a:g}": float(v) for a, v in zip(alphas, agg)}
+        if composed:
+            out["epsilon_secure_aggregate"] = rqm.aggregate_epsilon(p, args.clients, args.coords, args.rounds, args.delta)
     return out
 
 

@@ -46,6 +46,9 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(
 )
 
 GUARANTEE_LOCAL = "local"  # per-client output (also bounds the secure-aggregate sum)
+GUARANTEE_AGGREGATE = "secure-aggregate"  # only the sum of n clients' indices is revealed
+# Fewer orders for the (costlier) aggregate accountant; any subset of orders still gives a valid bound.
+AGGREGATE_ALPHAS: tuple[float, ...] = (1.01, 1.05, 1.1, 1.2, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,42 @@ def rdp(p: RQMParams, alphas=DEFAULT_ALPHAS) -> np.ndarray:
     return np.array([worst_case_rdp(p, float(a))[0] for a in alphas])
 
 
+def aggregate_rdp(p: RQMParams, alphas, n_clients: int, max_multisets: int = 500) -> np.ndarray | None:
+    """Exact per-coordinate RDP of the SUM of n clients' indices (what secure aggregation reveals).
+
+    One client's input changes (x vs x'); the other n - 1 inputs are arbitrary. By the convexity
+    argument of the module docstring, applied to each client in turn (the sum's pmf is affine in
+    each client's pmf), the supremum is attained with every input at a candidate point, and the sum
+    is symmetric in the others, so it is a maximum over multisets of the others' candidates and
+    ordered pairs (x, x'). Returns None when there are more than ``max_multisets`` multisets
+    (C(K + n - 2, n - 1) for K candidates): the local RDP then remains the bound to use.
+    """
+    import itertools
+
+    xs, P = _pmf_table(p)
+    K, others = len(xs), n_clients - 1
+    if others < 0:
+        raise ValueError(f"n_clients must be >= 1 (got {n_clients})")
+    if math.comb(K + others - 1, others) > max_multisets:
+        return None
+    alphas = np.asarray(alphas, float)
+    best = np.full(len(alphas), -np.inf)
+    for combo in itertools.combinations_with_replacement(range(K), others):
+        R = np.ones(1)
+        for c in combo:
+            R = np.convolve(R, P[c])  # pmf of the others' index sum
+        S = np.stack([np.convolve(P[i], R) for i in range(K)])  # (K, L): sum's pmf for each x
+        if not np.all(S > 0):
+            return np.full(len(alphas), math.inf)  # q = 1: supports can differ
+        L = np.log(S)
+        a = alphas[:, None, None, None]
+        terms = a * L[None, :, None, :] + (1 - a) * L[None, None, :, :]  # (A, K, K, L)
+        top = terms.max(axis=3, keepdims=True)
+        D = (top[..., 0] + np.log(np.exp(terms - top).sum(axis=3))) / (alphas[:, None, None] - 1)
+        best = np.maximum(best, D.reshape(len(alphas), -1).max(axis=1))
+    return best
+
+
 def compose(rdp_per_coordinate: np.ndarray, coords: int, rounds: int) -> np.ndarray:
     """RDP adds up over independent releases: d coordinates per round, ``rounds`` rounds."""
     return np.asarray(rdp_per_coordinate, float) * coords * rounds
@@ -263,6 +302,12 @@ def eps_from_rdp(alphas, rdp_values, delta: float) -> tuple[float, float]:
 def epsilon(p: RQMParams, coords: int, rounds: int, delta: float, alphas=DEFAULT_ALPHAS) -> float:
     """(epsilon, delta)-DP of one client after ``rounds`` rounds of a d = ``coords`` update."""
     return eps_from_rdp(alphas, compose(rdp(p, alphas), coords, rounds), delta)[0]
+
+
+def aggregate_epsilon(p: RQMParams, n_clients: int, coords: int, rounds: int, delta: float, alphas=AGGREGATE_ALPHAS) -> float | None:
+    """(epsilon, delta) of one client when only the sum over ``n_clients`` is revealed; None if too costly."""
+    r = aggregate_rdp(p, alphas, n_clients)
+    return None if r is None else eps_from_rdp(alphas, compose(r, coords, rounds), delta)[0]
 
 
 def calibrate_extend(
