@@ -6,8 +6,9 @@ to level indices in the smallest unsigned integer dtype (uint8 for m <= 256). On
 sent; the server keeps its own value of any other array (e.g. integer buffers). The reply also gets
 this client's local (epsilon, delta) after the rounds it has taken part in so far.
 
-Pass-through for every message unless the experiment says ``privacy.mechanism = "rqm"``.
-The server half is ``fedkd.strategies.rqm`` (``PRIVACY_WRAPPERS["rqm"]``).
+Pass-through for every message unless the experiment says ``privacy.mechanism = "rqm"`` (or
+``"pbm"``: the Poisson Binomial Mechanism baseline, same plumbing, binomial counts instead of
+level indices). The server half is ``fedkd.strategies.rqm`` (``PRIVACY_WRAPPERS["rqm"/"pbm"]``).
 """
 
 from __future__ import annotations
@@ -17,30 +18,36 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedkd import keys
-from fedkd.privacy import rqm
+from fedkd.privacy import pbm, rqm
 
 from . import MODS
 from .base import _config, client_env
 
 
-def rqm_params(cfg, conf) -> rqm.RQMParams:
-    """The RQM in force: the experiment's, with the extend the server calibrated when it sent one."""
+QUANTIZERS = ("rqm", "pbm")
+
+
+def codec(cfg, conf):
+    """The mechanism in force (RQMParams or PBMParams): the experiment's, with the extend / theta the
+    server calibrated when it sent one."""
     p = cfg.privacy
-    extend = float(conf.get(keys.RQM_EXTEND, p.extend)) if conf is not None else p.extend
-    return rqm.RQMParams(p.clip, extend, p.levels, p.keep_prob)
+    conf = conf if conf is not None else {}
+    if p.mechanism == "pbm":
+        return pbm.PBMParams(p.clip, float(conf.get(keys.PBM_THETA, p.theta)), p.trials)
+    return rqm.RQMParams(p.clip, float(conf.get(keys.RQM_EXTEND, p.extend)), p.levels, p.keep_prob)
 
 
-def quantize_update(global_arrays: dict[str, np.ndarray], trained: ArrayRecord, params: rqm.RQMParams, seed: int) -> tuple[ArrayRecord, int]:
-    """Level indices of (trained - global) per float array, and the number of coordinates sent."""
+def quantize_update(global_arrays: dict[str, np.ndarray], trained: ArrayRecord, params, seed: int) -> tuple[ArrayRecord, int]:
+    """Symbols (level indices / counts) of (trained - global) per float array, and the number of coordinates."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = rqm.index_dtype(params.levels)
+    dtype = params.wire_dtype()
     out, coords = {}, 0
     for name, arr in trained.items():
         w = arr.numpy()
         if not np.issubdtype(w.dtype, np.floating):
             continue
         delta = torch.from_numpy(np.asarray(w, np.float64) - np.asarray(global_arrays[name], np.float64))
-        z = rqm.encode(delta, params, gen).numpy().astype(dtype)  # same shape as the array
+        z = params.encode(delta, gen).numpy().astype(dtype)  # same shape as the array
         out[name] = Array(z)
         coords += z.size
     return ArrayRecord(out), coords
@@ -53,10 +60,10 @@ def rqm_mod(msg: Message, context: Context, call_next) -> Message:
     if conf is None or keys.EXPERIMENT not in conf:
         return call_next(msg, context)
     cfg = _config(str(conf[keys.EXPERIMENT]))
-    if cfg.privacy.mechanism != "rqm":
+    if cfg.privacy.mechanism not in QUANTIZERS:
         return call_next(msg, context)
 
-    params = rqm_params(cfg, conf)
+    params = codec(cfg, conf)
     global_arrays = {k: np.array(v.numpy(), copy=True) for k, v in msg.content[keys.ARRAYS].items()}
     reply = call_next(msg, context)
     if reply.has_error():
@@ -70,8 +77,8 @@ def rqm_mod(msg: Message, context: Context, call_next) -> Message:
     rounds = (int(state["rounds"]) if state is not None else 0) + 1
     context.state[keys.STATE_RQM_ROUNDS] = ConfigRecord({"rounds": rounds})
     metrics = reply.content[keys.METRICS]
-    metrics[keys.EPSILON] = float(rqm.epsilon(params, coords, rounds, cfg.privacy.delta))
-    metrics[keys.RQM_LEVELS] = int(params.levels)
+    metrics[keys.EPSILON] = float(params.epsilon(coords, rounds, cfg.privacy.delta))
+    metrics[keys.RQM_LEVELS] = int(params.symbols)
     metrics[keys.RQM_COORDS] = int(coords)
     return reply
 

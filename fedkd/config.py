@@ -14,7 +14,7 @@ Sections and keys (defaults = the default experiment)::
     [train]      local_epochs, batch_size, lr, momentum, weight_decay
     [strategy]   name, fraction_train, fraction_evaluate, proximal_mu
     [privacy]    mechanism, noise_multiplier, target_epsilon, max_grad_norm, delta,
-                 clip, extend, levels, keep_prob (rqm)
+                 clip, extend, levels, keep_prob (rqm), theta, trials (pbm)
     [simulation] backend ("fast" | "flower"), ray_address, num_actors
 
 Other modules add their own sections with :func:`register_section` (one frozen dataclass each,
@@ -183,7 +183,7 @@ class StrategyConfig:
         _require(self.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {self.proximal_mu})")
 
 
-PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian")
+PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian", "pbm")
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,9 @@ class PrivacyConfig:
     extend: float = 0.05
     levels: int = 16
     keep_prob: float = 0.5
+    # pbm (fedkd/privacy/pbm.py), shares clip
+    theta: float = 0.25
+    trials: int = 15
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(
@@ -234,6 +237,9 @@ class PrivacyConfig:
         from fedkd.privacy.rqm import check_params
 
         check_params(self.clip, self.extend, self.levels, self.keep_prob)
+        from fedkd.privacy.pbm import check_params as check_pbm
+
+        check_pbm(self.clip, self.theta, self.trials)
 
 
 SIMULATION_BACKENDS = ("fast", "flower")

@@ -34,3 +34,4 @@ RQM_EXTEND = "fedkd.rqm.extend"  # the extend (Delta) in force, when the server 
 RQM_LEVELS = "rqm-levels"  # MetricRecord: m, so the server can check what it decodes
 STATE_RQM_ROUNDS = "fedkd.rqm-rounds"  # how many rounds this client has released an RQM update
 RQM_COORDS = "rqm-coords"  # MetricRecord: coordinates quantized in this update
+PBM_THETA = "fedkd.pbm.theta"  # ConfigRecord: the theta in force, when the server calibrated it

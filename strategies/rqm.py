@@ -8,6 +8,8 @@ FedAvg, FedProx and any strategy that aggregates weights, the way Flower's DP wr
 
 With ``privacy.target_epsilon`` set, the builder calibrates ``extend`` (the paper's Delta) for the
 model's number of coordinates and ``run.rounds`` and sends it to the clients in the config.
+The same wrapper decodes the Poisson Binomial Mechanism baseline (``privacy.mechanism = "pbm"``,
+``fedkd.privacy.pbm``; ``target_epsilon`` calibrates its theta).
 """
 
 from __future__ import annotations
@@ -20,27 +22,26 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedkd import keys
-from fedkd.privacy import rqm
+from fedkd.privacy import pbm, rqm
 
 from . import PRIVACY_WRAPPERS
 from .base import StrategySpec
 
-# cfg JSON -> the RQM in force (extend may be calibrated), read back by the summary hook.
-IN_FORCE: dict[str, rqm.RQMParams] = {}
+# cfg JSON -> the RQMParams / PBMParams in force (extend / theta may be calibrated), for the summary hook.
+IN_FORCE: dict = {}
 
 
 class RQMStrategy(Strategy):
-    """Decode RQM level indices in train replies, then let ``strategy`` aggregate."""
+    """Decode RQM level indices (or PBM counts) in train replies, then let ``strategy`` aggregate."""
 
-    def __init__(self, strategy: Strategy, params: rqm.RQMParams) -> None:
+    def __init__(self, strategy: Strategy, params) -> None:
         super().__init__()
         self.strategy = strategy
         self.params = params
         self.current_arrays = ArrayRecord()
 
     def __repr__(self) -> str:
-        p = self.params
-        return f"RQM wrapper (clip={p.clip}, extend={p.extend}, levels={p.levels}, keep_prob={p.keep_prob}) around {self.strategy!r}"
+        return f"quantizing DP wrapper ({self.params}) around {self.strategy!r}"
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -52,7 +53,7 @@ class RQMStrategy(Strategy):
     def decode_reply(self, record: ArrayRecord) -> ArrayRecord:
         """global + B(z) for every quantized array; the global value for arrays not sent."""
         out = {}
-        m = self.params.levels
+        m = self.params.symbols
         for name, cur in self.current_arrays.items():
             g = cur.numpy()
             if name not in record:
@@ -61,7 +62,7 @@ class RQMStrategy(Strategy):
             z = record[name].numpy()
             if not np.issubdtype(z.dtype, np.unsignedinteger) or z.shape != g.shape or (z.size and int(z.max()) >= m):
                 raise ValueError(f"RQM reply array {name!r} is not level indices in [0, {m - 1}] of shape {g.shape}")
-            out[name] = Array((g.astype(np.float64) + rqm.decode(z, self.params).numpy()).astype(g.dtype))
+            out[name] = Array((g.astype(np.float64) + self.params.decode(z).numpy()).astype(g.dtype))
         return ArrayRecord(out)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -100,7 +101,20 @@ def wrap_rqm(spec: StrategySpec, cfg, fed) -> StrategySpec:
     return spec
 
 
+def wrap_pbm(spec: StrategySpec, cfg, fed) -> StrategySpec:
+    p = cfg.privacy
+    theta = p.theta
+    if p.target_epsilon is not None:
+        theta = pbm.calibrate_theta(p.target_epsilon, p.clip, p.trials, float_coords(spec.initial_arrays), cfg.run.rounds, p.delta)
+    params = pbm.PBMParams(p.clip, theta, p.trials)
+    IN_FORCE[cfg.to_json()] = params
+    spec.strategy = RQMStrategy(spec.strategy, params)
+    spec.extra_config = {**(spec.extra_config or {}), keys.PBM_THETA: float(theta)}
+    return spec
+
+
 PRIVACY_WRAPPERS["rqm"] = wrap_rqm
+PRIVACY_WRAPPERS["pbm"] = wrap_pbm
 
 
 def _register_summary() -> None:

@@ -162,3 +162,49 @@ def test_gaussian_dp_fedavg_federation_reports_epsilon(tmp_path):
     s = run_experiment(small("privacy.mechanism=gaussian", "privacy.noise_multiplier=0.8", "privacy.max_grad_norm=1.0"), tmp_path / "g", progress=False)
     assert s["status"] == "ok" and s["privacy_unit"] == "client" and s["privacy_guarantee"].startswith("central")
     assert s["epsilon"] == pytest.approx(gaussian.epsilon(0.8, 2, 1e-5))
+
+
+def test_pbm_baseline_is_unbiased_and_its_local_rdp_is_exact():
+    from math import comb
+
+    from fedkd.privacy import pbm
+
+    p = pbm.PBMParams(clip=1.0, theta=0.2, trials=8)
+    binom = lambda m, pr: np.array([comb(m, k) * pr**k * (1 - pr) ** (m - k) for k in range(m + 1)])  # noqa: E731
+    for a, r in zip((2.0, 8.0), p.rdp((2.0, 8.0))):
+        assert r == pytest.approx(rqm.renyi_divergence(binom(8, 0.7), binom(8, 0.3), a), rel=1e-12)
+    z = p.encode(torch.full((100_000,), 0.3), torch.Generator().manual_seed(1))
+    assert z.min() >= 0 and z.max() <= 8
+    assert abs(p.decode(z).double().mean().item() - 0.3) < 5 * math.sqrt(pbm.variance(p, 0.3) / 100_000)
+    t = pbm.calibrate_theta(8.0, 0.05, 15, coords=50, rounds=3, delta=1e-5)
+    assert pbm.PBMParams(0.05, t, 15).epsilon(50, 3, 1e-5) <= 8.0 < pbm.PBMParams(0.05, t * 1.01, 15).epsilon(50, 3, 1e-5)
+    with pytest.raises(ConfigError, match="privacy.theta"):
+        small("privacy.mechanism=pbm", "privacy.theta=0.3")
+
+
+def test_client_quantizer_and_server_decoder_round_trip():
+    """The mod's payload (smallest unsigned dtype, values in range) and the wrapper's unbiased decoding."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedkd.clients.rqm import quantize_update
+    from fedkd.privacy import pbm
+    from fedkd.strategies.rqm import RQMStrategy
+
+    g = {"w": np.zeros((40, 50), np.float32), "steps": np.array([3], np.int64)}
+    trained = ArrayRecord({"w": Array(np.full((40, 50), 0.02, np.float32)), "steps": Array(np.array([4], np.int64))})
+    for params, dtype in ((rqm.RQMParams(0.05, 0.05, 16, 0.5), np.uint8), (rqm.RQMParams(0.05, 0.05, 300, 0.5), np.uint16), (pbm.PBMParams(0.05, 0.25, 15), np.uint8)):
+        rec, coords = quantize_update(g, trained, params, seed=3)
+        z = rec["w"].numpy()
+        assert coords == 2000 and list(rec.keys()) == ["w"]  # integer arrays are not sent
+        assert z.dtype == dtype and z.max() <= params.symbols - 1
+        wrapper = RQMStrategy(FedAvg(), params)
+        wrapper.current_arrays = ArrayRecord({k: Array(v) for k, v in g.items()})
+        out = wrapper.decode_reply(rec)
+        assert out["steps"].numpy()[0] == 3  # the server keeps its own value
+        var = rqm.variance(0.02, params) if isinstance(params, rqm.RQMParams) else pbm.variance(params, 0.02)
+        assert abs(out["w"].numpy().mean() - 0.02) < 5 * math.sqrt(var / 2000)
+    wrapper = RQMStrategy(FedAvg(), rqm.RQMParams(0.05, 0.05, 16, 0.5))
+    wrapper.current_arrays = ArrayRecord({"w": Array(np.zeros((40, 50), np.float32))})
+    with pytest.raises(ValueError, match="level indices"):
+        wrapper.decode_reply(ArrayRecord({"w": Array(np.full((40, 50), 16, np.uint8))}))  # 16 >= m

@@ -44,6 +44,19 @@ def privacy_summary(cfg, recorder) -> dict:
         out["epsilon_secure_aggregate"] = (
             rqm.aggregate_epsilon(params, sample_size(cfg), coords, rounds, p.delta) if coords and rounds else None
         )
+    elif p.mechanism == "pbm":
+        from fedkd.strategies.rqm import IN_FORCE
+
+        from fedkd.privacy import pbm
+
+        params = IN_FORCE.get(cfg.to_json()) or pbm.PBMParams(p.clip, p.theta, p.trials)
+        out.update(
+            privacy_unit="client",
+            privacy_guarantee="local: Renyi DP of each client's binomial counts (the PBM paper's secure-aggregate bound is not used)",
+            bits_per_coordinate=params.bits,
+            wire_bits_per_coordinate=8 * params.wire_dtype().itemsize,
+            pbm={"clip": params.clip, "theta": params.theta, "trials": params.trials},
+        )
     elif p.mechanism == "gaussian":
         from fedkd.strategies.dp_fedavg import noise_multiplier
 

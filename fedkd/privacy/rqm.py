@@ -42,7 +42,7 @@ from fedkd.config import ConfigError
 # Opacus' default RDP orders, plus orders near 1 (large composed RDP is converted best there) and a
 # few large ones.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(
-    [1 + x / 1000.0 for x in (1, 2, 5, 10, 20, 50)] + [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256]
+    [1 + x / 1000.0 for x in (1, 2, 5, 10, 20, 50)] + [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024, 4096]
 )
 
 GUARANTEE_LOCAL = "local"  # per-client output (also bounds the secure-aggregate sum)
@@ -75,6 +75,23 @@ class RQMParams:
     def grid(self) -> np.ndarray:
         """The m levels B(0..m-1), shape (m,)."""
         return level_values(self.X, self.levels)
+
+    # the codec interface shared with PBM (clients/rqm.py, strategies/rqm.py)
+    @property
+    def symbols(self) -> int:
+        return self.levels
+
+    def wire_dtype(self) -> np.dtype:
+        return index_dtype(self.levels)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return encode(x, self, generator)
+
+    def decode(self, z) -> torch.Tensor:
+        return decode(z, self)
+
+    def epsilon(self, coords: int, rounds: int, delta: float) -> float:
+        return epsilon(self, coords, rounds, delta)
 
 
 def check_params(clip: float, extend: float, levels: int, keep_prob: float, prefix: str = "privacy.") -> None:
