@@ -130,6 +130,13 @@ def test_cli_prints_rdp_and_epsilon_json(capsys):
     assert out["epsilon"] == pytest.approx(rqm.epsilon(rqm.RQMParams(1, 1, 16, 0.5), 10, 3, 1e-5), rel=1e-6)
     assert main(["privacy", "rqm", "--clip", "1", "--extend", "1", "--levels", "1", "--keep-prob", "0.5"]) == 2
     assert "--levels" in capsys.readouterr().err
+    assert main(["privacy", "rqm", "--clip", "1", "--extend", "1", "--levels", "6", "--keep-prob", "0.5", "--alpha", "2", "--clients", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["rdp_secure_aggregate"]["2"] <= out["rdp"]["2"]
+    assert main(["privacy", "pbm", "--clip", "1", "--theta", "0.1", "--trials", "15", "--coords", "10", "--rounds", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["epsilon"] > 0
+    assert main(["privacy", "gaussian", "--target-epsilon", "3", "--rounds", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["epsilon"] == pytest.approx(3.0, rel=1e-3)
 
 
 class Payloads:

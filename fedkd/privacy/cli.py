@@ -2,6 +2,7 @@
 
     fedkd privacy rqm --clip C --extend E --levels M --keep-prob Q [--alpha A ...]
                       [--coords D --rounds R [--delta d]] [--target-epsilon T]
+    fedkd privacy pbm --clip C --theta T --trials M [--alpha A ...] [--coords D --rounds R [--delta d]]
     fedkd privacy gaussian (--noise-multiplier S | --target-epsilon T) --rounds R [--delta d]
 
 ``rqm`` prints the exact per-coordinate RDP at each alpha (``"rdp": {"<alpha>": value}``) and the
@@ -32,6 +33,13 @@ def _args(p: argparse.ArgumentParser) -> None:
     _composition_args(r)
     r.add_argument("--target-epsilon", type=float, help="calibrate --extend to this epsilon (needs --coords and --rounds)")
     r.add_argument("--clients", type=int, help="also the exact RDP of the sum of this many clients (secure aggregation)")
+    b = sub.add_parser("pbm", help="Poisson Binomial Mechanism (local): exact RDP and epsilon")
+    b.add_argument("--clip", type=float, required=True)
+    b.add_argument("--theta", type=float, help="in (0, 0.25]")
+    b.add_argument("--trials", type=int, required=True, help="binomial trials m >= 1")
+    b.add_argument("--alpha", type=float, action="append")
+    _composition_args(b)
+    b.add_argument("--target-epsilon", type=float, help="calibrate --theta to this epsilon (needs --coords and --rounds)")
     g = sub.add_parser("gaussian", help="central Gaussian DP-FedAvg: epsilon or calibrated noise multiplier")
     g.add_argument("--noise-multiplier", type=float)
     g.add_argument("--target-epsilon", type=float)
@@ -61,7 +69,7 @@ def _check_composition(args) -> bool:
 
 @command("privacy", "privacy accounting (RQM, Gaussian DP-FedAvg), printed as JSON", _args)
 def cmd_privacy(args: argparse.Namespace) -> int:
-    out = _rqm(args) if args.mechanism == "rqm" else _gaussian(args)
+    out = {"rqm": _rqm, "pbm": _pbm, "gaussian": _gaussian}[args.mechanism](args)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -113,6 +121,39 @@ def _rqm(args) -> dict:
         out["rdp_secure_aggregate"] = {f"{a:g}": float(v) for a, v in zip(alphas, agg)}
         if composed:
             out["epsilon_secure_aggregate"] = rqm.aggregate_epsilon(p, args.clients, args.coords, args.rounds, args.delta)
+    return out
+
+
+def _pbm(args) -> dict:
+    from fedkd.privacy import pbm, rqm
+
+    composed = _check_composition(args)
+    if args.target_epsilon is not None:
+        if not composed:
+            raise ConfigError("--target-epsilon", "needs --coords and --rounds")
+        if args.target_epsilon <= 0:
+            raise ConfigError("--target-epsilon", f"must be > 0 (got {args.target_epsilon})")
+        pbm.check_params(args.clip, 0.25, args.trials, prefix="--")
+        theta = pbm.calibrate_theta(args.target_epsilon, args.clip, args.trials, args.coords, args.rounds, args.delta)
+    elif args.theta is None:
+        raise ConfigError("--theta", "required (or --target-epsilon with --coords and --rounds)")
+    else:
+        theta = args.theta
+    pbm.check_params(args.clip, theta, args.trials, prefix="--")
+    p = pbm.PBMParams(args.clip, theta, args.trials)
+    alphas = tuple(args.alpha) if args.alpha else REPORT_ALPHAS
+    for a in alphas:
+        if not a > 1:
+            raise ConfigError("--alpha", f"must be > 1 (got {a})")
+    out = {
+        "mechanism": "pbm", "clip": p.clip, "theta": p.theta, "trials": p.trials, "bits_per_coordinate": p.bits,
+        "rdp": {f"{a:g}": float(v) for a, v in zip(alphas, p.rdp(alphas))},
+        "guarantee": "local (per-client counts)",
+    }
+    if composed:
+        grid = tuple(sorted(set(rqm.DEFAULT_ALPHAS) | set(alphas)))
+        eps, best = rqm.eps_from_rdp(grid, rqm.compose(p.rdp(grid), args.coords, args.rounds), args.delta)
+        out.update(coords=args.coords, rounds=args.rounds, delta=args.delta, epsilon=eps, best_alpha=best)
     return out
 
 

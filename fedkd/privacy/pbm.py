@@ -72,7 +72,10 @@ class PBMParams:
 
 
 def bernoulli_rdp(p: float, q: float, alpha: float) -> float:
-    return math.log(p**alpha * q ** (1 - alpha) + (1 - p) ** alpha * (1 - q) ** (1 - alpha)) / (alpha - 1)
+    """D_alpha(Bern(p) || Bern(q)), in log space (large alpha overflows otherwise)."""
+    a = alpha * math.log(p) + (1 - alpha) * math.log(q)
+    b = alpha * math.log1p(-p) + (1 - alpha) * math.log1p(-q)
+    return float(np.logaddexp(a, b)) / (alpha - 1)
 
 
 def rdp(pp: PBMParams, alphas=DEFAULT_ALPHAS) -> np.ndarray:
