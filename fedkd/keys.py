@@ -31,7 +31,7 @@ STATE_DP_HISTORY = "fedkd.dp-history"
 
 # Randomized quantization (RQM): ConfigRecord keys sent to clients, MetricRecord keys in replies.
 RQM_EXTEND = "fedkd.rqm.extend"  # the extend (Delta) in force, when the server calibrated it
-RQM_LEVELS = "rqm-levels"  # MetricRecord: m, so the server can check what it decodes
+RQM_LEVELS = "rqm-levels"  # MetricRecord: how many symbols (RQM levels, PBM trials + 1) the client used
 STATE_RQM_ROUNDS = "fedkd.rqm-rounds"  # how many rounds this client has released an RQM update
 RQM_COORDS = "rqm-coords"  # MetricRecord: coordinates quantized in this update
 PBM_THETA = "fedkd.pbm.theta"  # ConfigRecord: the theta in force, when the server calibrated it
