@@ -13,7 +13,8 @@ Sections and keys (defaults = the default experiment)::
                  hidden, dropout
     [train]      local_epochs, batch_size, lr, momentum, weight_decay
     [strategy]   name, fraction_train, fraction_evaluate, proximal_mu
-    [privacy]    mechanism, noise_multiplier, target_epsilon, max_grad_norm, delta
+    [privacy]    mechanism, noise_multiplier, target_epsilon, max_grad_norm, delta,
+                 clip, extend, levels, keep_prob (rqm), theta, trials (pbm)
     [simulation] backend ("fast" | "flower"), ray_address, num_actors
 
 Other modules add their own sections with :func:`register_section` (one frozen dataclass each,
@@ -182,7 +183,7 @@ class StrategyConfig:
         _require(self.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {self.proximal_mu})")
 
 
-PRIVACY_MECHANISMS = ("none", "dp-sgd")
+PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian", "pbm")
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,14 @@ class PrivacyConfig:
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
     delta: float = 1e-5
+    # rqm (fedkd/privacy/rqm.py); gaussian reuses max_grad_norm as the update clipping norm
+    clip: float = 0.05
+    extend: float = 0.05
+    levels: int = 16
+    keep_prob: float = 0.5
+    # pbm (fedkd/privacy/pbm.py), shares clip
+    theta: float = 0.25
+    trials: int = 15
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(
@@ -219,6 +228,18 @@ class PrivacyConfig:
                 "privacy.noise_multiplier",
                 "dp-sgd needs exactly one of privacy.noise_multiplier and privacy.target_epsilon",
             )
+        if self.mechanism == "gaussian":
+            _require(
+                (self.noise_multiplier is None) != (self.target_epsilon is None),
+                "privacy.noise_multiplier",
+                "gaussian needs exactly one of privacy.noise_multiplier and privacy.target_epsilon",
+            )
+        from fedkd.privacy.rqm import check_params
+
+        check_params(self.clip, self.extend, self.levels, self.keep_prob)
+        from fedkd.privacy.pbm import check_params as check_pbm
+
+        check_pbm(self.clip, self.theta, self.trials)
 
 
 SIMULATION_BACKENDS = ("fast", "flower")

@@ -42,3 +42,10 @@ FEDD2S_KNOWLEDGE = "fedd2s.knowledge"  # ArrayRecord: features-<depth> (N, d), l
 FEDD2S_SOFT_LABELS = "fedd2s.soft-labels"  # ArrayRecord: soft-labels (N, K), the server's logits per sample
 FEDD2S_DROPS = "fedd2s.drops"  # ConfigRecord key: how many deep layers are dropped this round
 STATE_FEDD2S_MODEL = "fedd2s.model"  # the client's own model, kept in Context.state
+
+# Randomized quantization (RQM): ConfigRecord keys sent to clients, MetricRecord keys in replies.
+RQM_EXTEND = "fedkd.rqm.extend"  # the extend (Delta) in force, when the server calibrated it
+RQM_LEVELS = "rqm-levels"  # MetricRecord: how many symbols (RQM levels, PBM trials + 1) the client used
+STATE_RQM_ROUNDS = "fedkd.rqm-rounds"  # how many rounds this client has released an RQM update
+RQM_COORDS = "rqm-coords"  # MetricRecord: coordinates quantized in this update
+PBM_THETA = "fedkd.pbm.theta"  # ConfigRecord: the theta in force, when the server calibrated it

@@ -29,4 +29,7 @@ from . import fedavg  # noqa: E402,F401  (registers "fedavg", "fedprox")
 from . import local, fd, fedmd  # noqa: E402,F401  (registers "local", "fd", "fedmd")
 from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
 
+from . import rqm  # noqa: E402,F401  (PRIVACY_WRAPPERS["rqm"], summary fields of DP runs)
+from . import dp_fedavg  # noqa: E402,F401  (PRIVACY_WRAPPERS["gaussian"])
+
 __all__ = ["PRIVACY_WRAPPERS", "STRATEGIES", "build_strategy", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
