@@ -19,5 +19,6 @@ CLIENTS: Registry[type[ClientLogic]] = Registry("client")
 MODS: list = []
 
 from . import weights  # noqa: E402,F401  (registers "weights")
+from . import attacked  # noqa: E402,F401  (the attacks' threat settings, off unless attack.rounds/clients are set)
 
 __all__ = ["CLIENTS", "MODS", "ClientEnv", "ClientLogic", "client_env", "node_record", "reply"]
