@@ -22,8 +22,11 @@ class AttackEntry:
     description: str = ""
 
     def params_for(self, attack_cfg) -> object:
-        """The defaults with ``attack.steps`` / ``attack.restarts`` applied when they are set (> 0)."""
+        """The defaults with ``attack.steps`` / ``attack.restarts`` (when > 0) and ``attack.tv`` (when set and the attack has one)."""
         over = {k: getattr(attack_cfg, k) for k in ("steps", "restarts") if getattr(attack_cfg, k, 0)}
+        names = {f.name for f in dataclasses.fields(self.params)}
+        if getattr(attack_cfg, "tv", None) is not None and "tv" in names:
+            over["tv"] = attack_cfg.tv
         return dataclasses.replace(self.params(), **over)
 
 

@@ -28,6 +28,21 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def default_recording(config_path: Path, overrides: list[str]) -> list[str]:
+    """Record round 1 / client 0 unless the TOML file or the overrides say which."""
+    import tomllib
+
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if config_path.is_file():
+        try:
+            section = tomllib.loads(config_path.read_text()).get("attack", {})
+        except tomllib.TOMLDecodeError:
+            section = {}  # load_config reports it
+        given |= {f"attack.{k}" for k in section}
+    defaults = [d for d in ("attack.rounds=[1]", "attack.clients=[0]") if d.split("=")[0] not in given]
+    return defaults + list(overrides)
+
+
 @command("attack", "gradient inversion by the server against a recorded or fresh run", _args)
 def cmd_attack(args: argparse.Namespace) -> int:
     from .runner import attack_run_dir
@@ -45,9 +60,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     else:
         from fedkd.experiment import run_experiment
 
-        cfg = load_config(target, args.overrides)
-        if not cfg.attack.active:
-            cfg = cfg.replace(**{"attack.rounds": [1], "attack.clients": [0]})
+        cfg = load_config(target, default_recording(target, args.overrides))
         summary = run_experiment(cfg, args.out, progress=not args.no_progress)
         result = attack_run_dir(summary["run_dir"], cfg)
     print(

@@ -21,6 +21,7 @@ class AttackConfig:
     batch_size: int = 1  # images the attacked client holds in an attacked round
     steps: int = 0  # optimisation steps; 0 = the attack's default
     restarts: int = 0  # independent restarts; 0 = the attack's default
+    tv: float | None = None  # total-variation weight of ig/dia; None = the attack's default
     rounds: tuple[int, ...] = ()  # rounds whose replies the server records (empty = record nothing)
     clients: tuple[int, ...] = ()  # partition ids whose replies the server records
 
@@ -37,6 +38,8 @@ class AttackConfig:
             raise ConfigError("attack.steps", f"must be >= 0 (0 = the attack's default; got {self.steps})")
         if self.restarts < 0:
             raise ConfigError("attack.restarts", f"must be >= 0 (0 = the attack's default; got {self.restarts})")
+        if self.tv is not None and self.tv < 0:
+            raise ConfigError("attack.tv", f"must be >= 0 (got {self.tv})")
         if bool(self.rounds) != bool(self.clients):
             raise ConfigError("attack.rounds", "attack.rounds and attack.clients must be set together (or both left empty)")
         for r in self.rounds:

@@ -25,7 +25,10 @@ class IGParams:
     steps: int = 4800  # the reference implementation's default max_iterations
     restarts: int = 4  # "several restarts" (fedkd's default count)
     lr: float = 0.1
-    tv: float = 1e-4  # total-variation weight (fedkd's choice for [0, 1] images)
+    # Total-variation weight (fedkd's choice). On 8x8 digits the cosine loss converges to ~1e-7, so
+    # any larger TV weight flattens the image: one recorded lenet observation, 200 steps, gave
+    # 87 dB with tv=0, 17 dB with 1e-6 and 8 dB with 1e-4.
+    tv: float = 1e-6
     batched: bool = True  # restarts as one vmapped optimisation
 
 

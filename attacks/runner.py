@@ -86,7 +86,7 @@ def save_grid(rows: list, path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     ncol = max(len(t) for _, t, _ in rows)
-    fig, axes = plt.subplots(2 * len(rows), ncol, figsize=(1.2 * ncol + 0.8, 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(rows), ncol, figsize=(max(1.2 * ncol + 0.8, 5.0), 2.6 * len(rows)), squeeze=False)
     for i, (obs, true, rec) in enumerate(rows):
         for j in range(ncol):
             for k, imgs in enumerate((true, rec)):
