@@ -138,3 +138,19 @@ def test_recorded_federation_is_attacked_end_to_end(tmp_path):
     assert out["label_acc"] == 1.0 and len(out["observations"][0]["per_image"]) == 1
     assert (tmp_path / "run" / "attack.png").stat().st_size > 0
     assert main(["attack", str(tmp_path / "run"), "--set", "attack.batch_size=4"]) == 2  # fixed at recording time
+
+
+def test_update_setting_is_recorded_with_the_known_local_steps(tmp_path):
+    from fedkd.attacks.inline import run_inline
+
+    cfg = small("model.name=cnn", "attack.setting=update", "attack.batch_size=4", "train.batch_size=2",
+                "attack.rounds=[1]", "attack.clients=[0,3]", "run.rounds=1")
+    run_inline(cfg, tmp_path / "run")
+    obs = [Observation.load(p) for p in sorted((tmp_path / "run" / "observations").iterdir())]
+    assert [o.partition_id for o in obs] == [0, 3]
+    t = obs[0].training
+    assert (t.setting, t.num_examples, t.batch_size, t.local_epochs, t.steps, t.momentum) == ("update", 4, 2, 1, 2, 0.9)
+    rec = run_attack(obs[0], dataclasses.replace(cfg.attack, name="ig", steps=2, restarts=1))
+    assert rec.images.shape == (4, 1, 8, 8)
+    run_inline(small("run.rounds=1"), tmp_path / "plain")  # no attack section set: nothing recorded
+    assert not (tmp_path / "plain" / "observations").exists()
