@@ -45,6 +45,18 @@ def default_recording(config_path: Path, overrides: list[str]) -> list[str]:
 
 @command("attack", "gradient inversion by the server against a recorded or fresh run", _args)
 def cmd_attack(args: argparse.Namespace) -> int:
+    import sys
+
+    from .observation import ObservationError
+
+    try:
+        return _attack(args)
+    except ObservationError as e:  # the observation cannot feed this attack: one line, exit 2
+        print(f"fedkd: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _attack(args: argparse.Namespace) -> int:
     from .runner import attack_run_dir
 
     target = Path(args.target)

@@ -138,6 +138,7 @@ def test_recorded_federation_is_attacked_end_to_end(tmp_path):
     assert out["label_acc"] == 1.0 and len(out["observations"][0]["per_image"]) == 1
     assert (tmp_path / "run" / "attack.png").stat().st_size > 0
     assert main(["attack", str(tmp_path / "run"), "--set", "attack.batch_size=4"]) == 2  # fixed at recording time
+    assert main(["attack", str(tmp_path / "run"), "--set", "attack.name=dia"]) == 2  # no dropout: one-line refusal
 
 
 def test_update_setting_is_recorded_with_the_known_local_steps(tmp_path):
