@@ -1,7 +1,7 @@
 """``fedkd attack RUN_DIR|CONFIG [--set attack.name=ig ...] [--out DIR]``.
 
 - RUN_DIR: a run recorded with ``attack.rounds``/``attack.clients``; attacks its ``observations/``.
-  Only ``attack.name``, ``attack.steps`` and ``attack.restarts`` may change (the rest was fixed
+  Only ``attack.name``, ``attack.steps``, ``attack.restarts``, ``attack.tv`` and ``run.device`` may change (the rest was fixed
   when the clients trained).
 - CONFIG: an experiment TOML; runs the federation (recording round 1, client 0 unless
   ``attack.rounds``/``attack.clients`` say otherwise), then attacks it.
@@ -18,7 +18,7 @@ from pathlib import Path
 from fedkd.cli import command
 from fedkd.config import ConfigError, load_config
 
-ATTACK_TIME_KEYS = ("attack.name", "attack.steps", "attack.restarts", "run.device")
+ATTACK_TIME_KEYS = ("attack.name", "attack.steps", "attack.restarts", "attack.tv", "run.device")
 
 
 def _args(p: argparse.ArgumentParser) -> None:
