@@ -42,6 +42,10 @@ class ClientEnv:
         return zlib.crc32(key.encode())
 
 
+# (msg, env) -> env, applied in order by client_env (e.g. the attacks' single-batch threat setting).
+ENV_HOOKS: list = []
+
+
 def client_env(msg: Message, context: Context) -> ClientEnv:
     conf = msg.content[keys.CONFIG]
     cfg = _config(str(conf[keys.EXPERIMENT]))
@@ -49,7 +53,10 @@ def client_env(msg: Message, context: Context) -> ClientEnv:
     fed = load_federation(cfg.data, cfg.run.seed)
     if not 0 <= pid < fed.num_clients:
         raise ValueError(f"partition-id {pid} outside the federation's {fed.num_clients} partitions")
-    return ClientEnv(cfg, pid, int(conf.get(keys.SERVER_ROUND, 0)), fed, resolve_device(cfg.run.device))
+    env = ClientEnv(cfg, pid, int(conf.get(keys.SERVER_ROUND, 0)), fed, resolve_device(cfg.run.device))
+    for hook in ENV_HOOKS:
+        env = hook(msg, env)
+    return env
 
 
 def node_record(env: ClientEnv) -> ConfigRecord:

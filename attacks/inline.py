@@ -1,0 +1,82 @@
+"""An in-process Grid (no Ray) for attack tests and benchmarks: the real ServerApp logic, strategy,
+RecordingGrid, observers, ClientApp, mods and client logic, with every node hosted in this process.
+
+It saves Ray's several-second start per run; ``fedkd attack CONFIG`` uses the experiment's own
+backend instead (:func:`fedkd.experiment.run_experiment`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.simulation import CLIENT_APP, NODE_ID_BASE, ClientHost, node_config
+
+
+class InlineGrid(Grid):
+    def __init__(self, num_nodes: int, run_id: int = 1) -> None:
+        self.node_ids = [NODE_ID_BASE + i for i in range(num_nodes)]
+        nodes = {nid: node_config(i, num_nodes) for i, nid in enumerate(self.node_ids)}
+        self.host = ClientHost(CLIENT_APP, nodes, run_id, threads=torch.get_num_threads())
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+        self._run = Run.create_empty(run_id)
+        self._done: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        replies = self.host.handle(messages)
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        for m, r in zip(messages, replies):
+            self._done[m.metadata.message_id] = r
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._done.pop(mid) for mid in list(message_ids) if mid in self._done]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_inline(cfg, out: str | Path | None = None, echo=lambda s: None) -> dict:
+    """Like :func:`fedkd.experiment.run_experiment`, on an :class:`InlineGrid`. Returns the summary."""
+    from fedkd.data import load_federation
+    from fedkd.results import RunRecorder
+    from fedkd.server import new_run_dir, run_server, summarize
+    from fedkd.strategies import build_strategy
+
+    t0 = time.perf_counter()
+    fed = load_federation(cfg.data, cfg.run.seed)
+    spec = build_strategy(cfg, fed)
+    recorder = RunRecorder(new_run_dir(cfg, out))
+    threads = torch.get_num_threads()
+    try:
+        run_server(InlineGrid(cfg.data.num_clients), cfg, recorder, spec=spec, progress=False, echo=echo)
+    finally:
+        torch.set_num_threads(threads)
+    summary = summarize(cfg, recorder, t0)
+    summary["run_dir"] = str(recorder.out_dir)
+    return summary
