@@ -21,7 +21,7 @@ import yaml
 
 from fedkd.cli import main
 from fedkd.deploy import certs
-from fedkd.deploy.local import LocalDeployment, stage_app
+from fedkd.deploy.local import EXIT_AUTH_REFUSED, LocalDeployment, stage_app
 from fedkd.deploy.topology import (
     COMPOSE_FILES,
     VOLUMES,
@@ -205,7 +205,7 @@ def test_tls_and_auth_unregistered_node_is_refused(scratch):
         assert dep.submit({"config": str(run_dir / "config.toml"), "out": str(run_dir)}, timeout=300) == 0
         rc = rogue.popen.wait(timeout=120)
         assert rc != 0
-        assert "Exit Code: 305" in rogue.log.read_text()  # "could not establish a connection to the SuperLink"
+        assert f"Exit Code: {EXIT_AUTH_REFUSED}" in rogue.log.read_text()  # "could not establish a connection to the SuperLink"
         assert all(p.alive() for p in dep.procs if p.name in ("superlink", "supernode-0", "supernode-1"))
     check_run(out)
 
