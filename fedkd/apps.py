@@ -76,7 +76,8 @@ def _server_main(grid: Grid, context: Context) -> None:
     from fedkd.server import new_run_dir, run_server, summarize
 
     t0 = time.perf_counter()
-    # Under `flwr run` the runtime is Flower's: a deployment (SuperLink + SuperNodes) or its managed simulation.
+    # Under `flwr run` the ServerApp talks to a SuperLink over HTTP ("deployment"; a SuperLink started with
+    # --simulation looks the same from here); Flower's in-process run_simulation hands it an InMemoryGrid.
     runtime = "flower-simulation" if "InMemory" in type(grid).__name__ else "deployment"
     try:
         cfg = config_from_run_config(dict(context.run_config))
