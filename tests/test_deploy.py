@@ -235,3 +235,14 @@ def test_failure_stops_every_process_and_keeps_a_summary(scratch, capsys):
     assert main(["deploy", "local", "--nodes", "2", *TINY, "--out", str(out), "--timeout", "1"]) == 1
     assert "flwr run exited with code" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+
+def test_dockerfile_installs_every_package_folder_with_the_constraints():
+    import tomllib
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.startswith("#") and "FROM python:3.11-slim" in text
+    assert "pip install -c constraints.txt ." in text and "download.pytorch.org/whl/cpu" in text
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    for folder in folders | {"configs"}:
+        assert f"COPY {folder} ./{folder}" in text, folder
