@@ -76,6 +76,9 @@ def _server_main(grid: Grid, context: Context) -> None:
     from fedkd.server import new_run_dir, run_server, summarize
 
     t0 = time.perf_counter()
+    # Under `flwr run` the ServerApp talks to a SuperLink over HTTP ("deployment"; a SuperLink started with
+    # --simulation looks the same from here); Flower's in-process run_simulation hands it an InMemoryGrid.
+    runtime = "flower-simulation" if "InMemory" in type(grid).__name__ else "deployment"
     try:
         cfg = config_from_run_config(dict(context.run_config))
     except ConfigError as e:
@@ -86,10 +89,9 @@ def _server_main(grid: Grid, context: Context) -> None:
     try:
         run_server(grid, cfg, recorder, progress=False, echo=lambda s: print(s, flush=True))
     except BaseException as e:
-        summarize(cfg, recorder, t0, status="failed", error=f"{type(e).__name__}: {e}")
+        failed = summarize(cfg, recorder, t0, status="failed", error=f"{type(e).__name__}: {e}")
+        write_summary(recorder.out_dir, {**failed, "backend": runtime})
         raise
     summary = summarize(cfg, recorder, t0)
-    # Under `flwr run` the runtime is Flower's: a deployment (SuperLink + SuperNodes) or its managed simulation.
-    summary["backend"] = "flower-simulation" if "InMemory" in type(grid).__name__ else "deployment"
-    summary = write_summary(recorder.out_dir, summary)
+    summary = write_summary(recorder.out_dir, {**summary, "backend": runtime})
     print(f"fedkd: accuracy {summary['accuracy']:.4f}, summary in {recorder.out_dir / 'summary.json'}", flush=True)

@@ -21,7 +21,7 @@ import yaml
 
 from fedkd.cli import main
 from fedkd.deploy import certs
-from fedkd.deploy.local import LocalDeployment, stage_app
+from fedkd.deploy.local import EXIT_AUTH_REFUSED, LocalDeployment, stage_app
 from fedkd.deploy.topology import (
     COMPOSE_FILES,
     VOLUMES,
@@ -178,22 +178,12 @@ def test_deploy_local_two_nodes_completes(scratch):
         assert [a for a in ran[name] if a.startswith("--")] == [a for a in doc["services"][name]["command"] if a.startswith("--")]
 
 
-def test_deploy_local_tls_with_the_scripts_certificates(scratch):
+def test_tls_with_the_scripts_certificates_and_auth_refuses_an_unregistered_node(scratch):
+    """The TLS variant (certificates from the script) with SuperNode authentication on top: one deployed run
+    covers both, since Flower only authenticates SuperNodes over TLS."""
     keys = scratch / "certs"
-    subprocess.run([sys.executable, "-m", "fedkd.deploy.certs", str(keys)], check=True, capture_output=True)
-    out = scratch / "run"
-    assert main(["deploy", "local", "--nodes", "2", "--tls", "--certs", str(keys), *TINY, "--out", str(out), "--timeout", "300"]) == 0
-    check_run(out)
-    ran = json.loads((out / "deploy" / "commands.json").read_text())
-    link = ran["superlink"]
-    assert "--insecure" not in link and link[link.index("--ssl-certfile") + 1] == str(keys.resolve() / "server.pem")
-    assert all("--insecure" not in ran[f"supernode-{i}"] and "--root-certificates" in ran[f"supernode-{i}"] for i in range(2))
-
-
-def test_tls_and_auth_unregistered_node_is_refused(scratch):
-    keys = scratch / "certs"
-    # the script's certificates and three key pairs, of which only node-0 and node-1 get registered
-    assert main(["deploy", "certs", str(keys), "--nodes", "3"]) == 0
+    # the script's CA + server certificate and three key pairs, of which only node-0 and node-1 get registered
+    subprocess.run([sys.executable, "-m", "fedkd.deploy.certs", str(keys), "--nodes", "3"], check=True, capture_output=True)
     out = scratch / "run"
     from fedkd.config import load_config
     from fedkd.server import new_run_dir
@@ -205,9 +195,17 @@ def test_tls_and_auth_unregistered_node_is_refused(scratch):
         assert dep.submit({"config": str(run_dir / "config.toml"), "out": str(run_dir)}, timeout=300) == 0
         rc = rogue.popen.wait(timeout=120)
         assert rc != 0
-        assert "Exit Code: 305" in rogue.log.read_text()  # "could not establish a connection to the SuperLink"
+        assert f"Exit Code: {EXIT_AUTH_REFUSED}" in rogue.log.read_text()  # "could not establish a connection to the SuperLink"
         assert all(p.alive() for p in dep.procs if p.name in ("superlink", "supernode-0", "supernode-1"))
     check_run(out)
+    ran = json.loads((out / "deploy" / "commands.json").read_text())
+    link = ran["superlink"]
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert link[link.index("--ssl-certfile") + 1] == str(keys.resolve() / "server.pem")
+    for i in range(2):
+        node = ran[f"supernode-{i}"]
+        assert "--insecure" not in node and node[node.index("--root-certificates") + 1] == str(keys.resolve() / "ca.crt")
+        assert node[node.index("--auth-supernode-private-key") + 1] == str(keys.resolve() / f"node-{i}")
 
 
 def test_ctrl_c_stops_every_process(scratch):
@@ -237,3 +235,14 @@ def test_failure_stops_every_process_and_keeps_a_summary(scratch, capsys):
     assert main(["deploy", "local", "--nodes", "2", *TINY, "--out", str(out), "--timeout", "1"]) == 1
     assert "flwr run exited with code" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+
+def test_dockerfile_installs_every_package_folder_with_the_constraints():
+    import tomllib
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.startswith("#") and "FROM python:3.11-slim" in text
+    assert "pip install -c constraints.txt ." in text and "download.pytorch.org/whl/cpu" in text
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    for folder in folders | {"configs"}:
+        assert f"COPY {folder} ./{folder}" in text, folder

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -35,7 +34,7 @@ from fedkd.deploy import certs as certs_mod
 from fedkd.deploy.topology import CONNECTION, QUIET_ENV, Deployment, connection_toml, superlink_argv, supernode_argv
 
 MARKER = "FEDKD_DEPLOY_ID"
-EXIT_AUTH_REFUSED = 305  # flower-supernode's exit code when the SuperLink refuses it (see flower-1.41.md)
+EXIT_AUTH_REFUSED = 305  # Flower's exit code (logged as "Exit Code: 305") when the SuperLink refuses a SuperNode
 
 
 class DeployError(RuntimeError):
@@ -474,6 +473,3 @@ def _check_certs(directory: Path, nodes: int, tls: bool, auth: bool) -> None:
     if missing:
         raise ConfigError("--certs", f"{directory} lacks {', '.join(missing)} (make them with: fedkd deploy certs {directory} --nodes {nodes})")
 
-
-def quote(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
