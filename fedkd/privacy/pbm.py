@@ -1,4 +1,4 @@
-"""Poisson Binomial Mechanism (PBM): Chen, Ozgur, Kairouz 2022 (arXiv 2207.12496, check), RQM's baseline.
+"""Poisson Binomial Mechanism (PBM): Chen, Ozgur, Kairouz, ICML 2022, the baseline of the RQM paper.
 
 Per coordinate x in [-c, c]: p(x) = 1/2 + theta x / c with theta in (0, 1/4]; the client sends
 k ~ Binomial(m, p(x)) (ceil(log2(m + 1)) bits); the server's unbiased estimate is

@@ -29,7 +29,7 @@ def privacy_summary(cfg, recorder) -> dict:
         params = IN_FORCE.get(cfg.to_json()) or rqm.RQMParams(p.clip, p.extend, p.levels, p.keep_prob)
         out.update(
             privacy_unit="client",
-            privacy_guarantee="local: Renyi DP of each client's quantized output (as the paper states); "
+            privacy_guarantee="local: Renyi DP of each client's quantized output (our reading of the paper's guarantee); "
             "it also bounds the sum seen under secure aggregation (post-processing), no aggregation amplification claimed",
             bits_per_coordinate=params.bits,
             wire_bits_per_coordinate=8 * rqm.index_dtype(params.levels).itemsize,
