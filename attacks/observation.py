@@ -118,17 +118,29 @@ def load_observations(run_dir: str | Path) -> list[Observation]:
 
 
 # ---------------------------------------------------------------- decoding replies
-def _arrays(content, cfg) -> dict[str, torch.Tensor] | None:
+def _arrays(content, cfg, sent=None) -> dict[str, torch.Tensor] | None:
     rec = content.array_records.get(keys.ARRAYS)
     return None if rec is None else {k: v.clone() for k, v in rec.to_torch_state_dict().items()}
 
 
-# privacy.mechanism -> fn(reply content: RecordDict, cfg) -> state dict | None
-REPLY_DECODERS: dict = {}
+def _quantized(content, cfg, sent=None) -> dict[str, torch.Tensor] | None:
+    """RQM/PBM replies carry level indices: the server decodes them exactly as its wrapper does
+    (global model + decoded update), with the parameters in force for this run."""
+    from fedkd.strategies.rqm import IN_FORCE, decode_quantized
+
+    params = IN_FORCE.get(cfg.to_json())
+    rec = content.array_records.get(keys.ARRAYS)
+    if params is None or rec is None or sent is None:
+        return None
+    return {k: v.clone() for k, v in decode_quantized(sent[keys.ARRAYS], rec, params).to_torch_state_dict().items()}
 
 
-def decode_reply(content, cfg) -> dict[str, torch.Tensor] | None:
-    return REPLY_DECODERS.get(cfg.privacy.mechanism, _arrays)(content, cfg)
+# privacy.mechanism -> fn(reply content: RecordDict, cfg, sent content: RecordDict | None) -> state dict | None
+REPLY_DECODERS: dict = {"rqm": _quantized, "pbm": _quantized}
+
+
+def decode_reply(content, cfg, sent=None) -> dict[str, torch.Tensor] | None:
+    return REPLY_DECODERS.get(cfg.privacy.mechanism, _arrays)(content, cfg, sent)
 
 
 def describe_defence(cfg) -> str:

@@ -56,7 +56,7 @@ class ObservationRecorder:
             num_classes=fed.num_classes,
             training=known_training(cfg, int(metrics.get(keys.NUM_EXAMPLES, 0)), mu),
             global_state={k: v.clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()},
-            reply_state=decode_reply(reply.content, cfg),
+            reply_state=decode_reply(reply.content, cfg, msg.content),
             model_hidden=tuple(cfg.model.hidden) if model_name == "mlp" else None,
             defence=describe_defence(cfg),
             metrics=metrics,

@@ -52,18 +52,7 @@ class RQMStrategy(Strategy):
 
     def decode_reply(self, record: ArrayRecord) -> ArrayRecord:
         """global + B(z) for every quantized array; the global value for arrays not sent."""
-        out = {}
-        m = self.params.symbols
-        for name, cur in self.current_arrays.items():
-            g = cur.numpy()
-            if name not in record:
-                out[name] = Array(np.array(g, copy=True))
-                continue
-            z = record[name].numpy()
-            if not np.issubdtype(z.dtype, np.unsignedinteger) or z.shape != g.shape or (z.size and int(z.max()) >= m):
-                raise ValueError(f"RQM reply array {name!r} is not level indices in [0, {m - 1}] of shape {g.shape}")
-            out[name] = Array((g.astype(np.float64) + self.params.decode(z).numpy()).astype(g.dtype))
-        return ArrayRecord(out)
+        return decode_quantized(self.current_arrays, record, self.params)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -78,6 +67,23 @@ class RQMStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def decode_quantized(global_arrays: ArrayRecord, record: ArrayRecord, params) -> ArrayRecord:
+    """What the server reads from one client's reply: global + decode(z) for every quantized array
+    (the global value for arrays not sent). ``params`` is an RQM or PBM codec."""
+    out = {}
+    m = params.symbols
+    for name, cur in global_arrays.items():
+        g = cur.numpy()
+        if name not in record:
+            out[name] = Array(np.array(g, copy=True))
+            continue
+        z = record[name].numpy()
+        if not np.issubdtype(z.dtype, np.unsignedinteger) or z.shape != g.shape or (z.size and int(z.max()) >= m):
+            raise ValueError(f"RQM reply array {name!r} is not level indices in [0, {m - 1}] of shape {g.shape}")
+        out[name] = Array((g.astype(np.float64) + params.decode(z).numpy()).astype(g.dtype))
+    return ArrayRecord(out)
 
 
 def float_coords(arrays: ArrayRecord) -> int:

@@ -155,3 +155,22 @@ def test_update_setting_is_recorded_with_the_known_local_steps(tmp_path):
     assert rec.images.shape == (4, 1, 8, 8)
     run_inline(small("run.rounds=1"), tmp_path / "plain")  # no attack section set: nothing recorded
     assert not (tmp_path / "plain" / "observations").exists()
+
+
+def test_rqm_replies_are_decoded_as_the_server_reads_them_and_ig_falls(tmp_path):
+    """Under RQM the server sees level indices; the observation holds what its wrapper decodes."""
+    from fedkd.attacks.inline import run_inline
+
+    cfg = small("model.name=lenet", "attack.rounds=[1]", "attack.clients=[0]", "attack.batch_size=1", "train.momentum=0.0",
+                "run.rounds=1", "privacy.mechanism=rqm", "privacy.target_epsilon=64")
+    assert run_inline(cfg, tmp_path / "run")["status"] == "ok"
+    obs = Observation.load(next((tmp_path / "run" / "observations").iterdir()))
+    assert obs.reply_state is not None and all(v.is_floating_point() for v in obs.reply_state.values())
+    change = max((obs.reply_state[k] - obs.global_state[k]).abs().max().item() for k in obs.global_state)
+    assert change > 0.1  # quantization noise of extend ~66 dwarfs one SGD step
+    res = run_attack(obs, dataclasses.replace(cfg.attack, name="ig", steps=30, restarts=1))
+    fed = load_federation(cfg.data, cfg.run.seed)
+    from fedkd.clients.attacked import attacked_batch
+
+    truth = attacked_batch(cfg, fed, 1, 0)
+    assert psnr(res.images.numpy(), truth.x) < 15.0
