@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.simulation import CLIENT_APP, NODE_ID_BASE, ClientHost, node_config
+from fedkd.simulation import CLIENT_APP, NODE_ID_BASE, ClientHost, LocalGrid, node_config
 
 
-class InlineGrid(Grid):
+class InlineGrid(LocalGrid):
     def __init__(self, num_nodes: int, run_id: int = 1) -> None:
         self.node_ids = [NODE_ID_BASE + i for i in range(num_nodes)]
         nodes = {nid: node_config(i, num_nodes) for i, nid in enumerate(self.node_ids)}
@@ -30,19 +29,6 @@ class InlineGrid(Grid):
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
         self._run = Run.create_empty(run_id)
         self._done: dict[str, Message] = {}
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

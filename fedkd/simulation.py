@@ -71,7 +71,28 @@ class ClientHost:
         return True
 
 
-class FastGrid(Grid):
+class LocalGrid(Grid):
+    """What every in-process simulation Grid shares: a fixed set of node ids and the run it serves.
+    Subclasses set ``node_ids`` and ``_run`` and implement the message exchange."""
+
+    node_ids: list[int]
+    _run: Run
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+
+class FastGrid(LocalGrid):
     """A Grid over Ray actors. Use as a context manager; it stops the actors (and Ray, if it started it)."""
 
     def __init__(self, num_nodes: int, *, num_actors: int = 0, ray_address: str = "", app_ref: str = CLIENT_APP, run_id: int = 1, warmup: str = "") -> None:
@@ -102,20 +123,6 @@ class FastGrid(Grid):
         self._pending: dict[str, tuple[object, int]] = {}
         self._done: dict[str, Message] = {}
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-
-    # -- Grid API
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         batches: dict[int, list[Message]] = {}
