@@ -74,21 +74,29 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameter(args, composed: bool, name: str, given, check, calibrate):
+    """The mechanism's noise parameter: ``--<name>`` as given, or calibrated to ``--target-epsilon``."""
+    if args.target_epsilon is None:
+        if given is None:
+            raise ConfigError(f"--{name}", "required (or --target-epsilon with --coords and --rounds)")
+        return given
+    if not composed:
+        raise ConfigError("--target-epsilon", "needs --coords and --rounds")
+    if args.target_epsilon <= 0:
+        raise ConfigError("--target-epsilon", f"must be > 0 (got {args.target_epsilon})")
+    check()  # the other parameters, before the (costly) calibration
+    return calibrate()
+
+
 def _rqm(args) -> dict:
     from fedkd.privacy import rqm
 
     composed = _check_composition(args)
-    if args.target_epsilon is not None:
-        if not composed:
-            raise ConfigError("--target-epsilon", "needs --coords and --rounds")
-        if args.target_epsilon <= 0:
-            raise ConfigError("--target-epsilon", f"must be > 0 (got {args.target_epsilon})")
-        rqm.check_params(args.clip, 1.0, args.levels, args.keep_prob, prefix="--")
-        extend = rqm.calibrate_extend(args.target_epsilon, args.clip, args.levels, args.keep_prob, args.coords, args.rounds, args.delta)
-    elif args.extend is None:
-        raise ConfigError("--extend", "required (or --target-epsilon with --coords and --rounds)")
-    else:
-        extend = args.extend
+    extend = _parameter(
+        args, composed, "extend", args.extend,
+        check=lambda: rqm.check_params(args.clip, 1.0, args.levels, args.keep_prob, prefix="--"),
+        calibrate=lambda: rqm.calibrate_extend(args.target_epsilon, args.clip, args.levels, args.keep_prob, args.coords, args.rounds, args.delta),
+    )
     rqm.check_params(args.clip, extend, args.levels, args.keep_prob, prefix="--")
     p = rqm.RQMParams(args.clip, extend, args.levels, args.keep_prob)
     alphas = tuple(args.alpha) if args.alpha else REPORT_ALPHAS
@@ -128,17 +136,11 @@ def _pbm(args) -> dict:
     from fedkd.privacy import pbm, rqm
 
     composed = _check_composition(args)
-    if args.target_epsilon is not None:
-        if not composed:
-            raise ConfigError("--target-epsilon", "needs --coords and --rounds")
-        if args.target_epsilon <= 0:
-            raise ConfigError("--target-epsilon", f"must be > 0 (got {args.target_epsilon})")
-        pbm.check_params(args.clip, 0.25, args.trials, prefix="--")
-        theta = pbm.calibrate_theta(args.target_epsilon, args.clip, args.trials, args.coords, args.rounds, args.delta)
-    elif args.theta is None:
-        raise ConfigError("--theta", "required (or --target-epsilon with --coords and --rounds)")
-    else:
-        theta = args.theta
+    theta = _parameter(
+        args, composed, "theta", args.theta,
+        check=lambda: pbm.check_params(args.clip, 0.25, args.trials, prefix="--"),
+        calibrate=lambda: pbm.calibrate_theta(args.target_epsilon, args.clip, args.trials, args.coords, args.rounds, args.delta),
+    )
     pbm.check_params(args.clip, theta, args.trials, prefix="--")
     p = pbm.PBMParams(args.clip, theta, args.trials)
     alphas = tuple(args.alpha) if args.alpha else REPORT_ALPHAS
