@@ -25,5 +25,6 @@ from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
 from . import rqm  # noqa: E402,F401  (appends the RQM client mod to MODS)
 
 from . import attacked  # noqa: E402,F401  (the attacks' threat settings, off unless attack.rounds/clients are set)
+from . import faults  # noqa: E402,F401  (fault injection for robustness tests, off unless [faults] says so)
 
 __all__ = ["CLIENTS", "MODS", "ClientEnv", "ClientLogic", "client_env", "node_record", "reply"]
