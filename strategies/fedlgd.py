@@ -62,7 +62,10 @@ from torch.nn import functional as F
 from fedkd import keys
 from fedkd.config import ConfigError, _require, register_section
 from fedkd.data import Federation
-from fedkd.distill import ClassStats, average_stats, gradient_match_distance, gradient_matching, init_from_stats, pseudo_gradient
+from fedkd.distill import (
+    ClassStats, alignment_loss, average_stats, class_channel_stats, distribution_matching, gradient_match_distance, gradient_matching,
+    init_from_stats, pseudo_gradient,
+)
 from fedkd.distill.diffaugment import FEDLGD_STRATEGY, parse_strategy
 from fedkd.models import model_from_config
 from fedkd.training import predict_logits, resolve_device
@@ -176,6 +179,38 @@ def global_from_record(rec: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _payload(rec: ArrayRecord) -> int:
     return sum(len(arr.data) for arr in rec.values())
+
+
+# --------------------------------------------------------------------------- client-side pieces (pure, for the client logic)
+def local_virtual_init(x, y, num_classes: int, hp: FedLGDConfig, generator: torch.Generator, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's local virtual data before warm-up: ``ipc`` Gaussian images per class it holds, drawn with
+    its own per-class channel statistics (``x`` already normalised). Returns (images, labels) grouped by class."""
+    stats = class_channel_stats(x, y, num_classes)
+    _, _, h, w = x.shape
+    return init_from_stats(stats, hp.ipc, (h, w), generator, classes=np.flatnonzero(stats.present), device=device)
+
+
+def local_dm(images: torch.Tensor, labels: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hp: FedLGDConfig, generator: torch.Generator,
+             *, embedder: torch.nn.Module | None = None, net_factory=None, iterations: int | None = None, progress=None) -> list[float]:
+    """Warm-up (``net_factory``: fresh random ConvNets, ``warmup_iterations``) or iterative DM (``embedder``: the
+    received global model, ``dm_iterations``) of the local virtual ``images`` in place, with FedLGD's settings."""
+    if iterations is None:
+        iterations = hp.dm_iterations if embedder is not None else hp.warmup_iterations
+    return distribution_matching(images, labels, x, y, iterations=iterations, generator=generator, embedder=embedder, net_factory=net_factory,
+                                 batch_real=hp.real_batch, lr=hp.image_lr, momentum=hp.image_momentum, strategy=hp.dsa_strategy, progress=progress)
+
+
+def local_loss(model, xb: torch.Tensor, yb: torch.Tensor, global_images: torch.Tensor, global_labels: torch.Tensor, hp: FedLGDConfig,
+               refresh: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, CE, alignment) of one batch: ``CE + lambda_sim * SupCon(embed(batch), embed(all global images))``,
+    plain CE in refresh rounds (alignment 0). ``model`` is a ConvNet; the global embeddings are recomputed with
+    the current weights, so the alignment's gradient flows through both."""
+    emb, logits = model.embed_and_logits(xb)  # (B, D), (B, K)
+    ce = F.cross_entropy(logits, yb)
+    if refresh or hp.lambda_sim == 0:
+        return ce, ce, ce.new_zeros(())
+    align = alignment_loss(emb, yb, model.embed(global_images), global_labels, hp.temperature, hp.base_temperature)
+    return ce + hp.lambda_sim * align, ce, align
 
 
 # --------------------------------------------------------------------------- strategy

@@ -228,3 +228,30 @@ def test_bad_fedlgd_settings_name_the_key(registered):
             fedlgd_cfg(setting)
         assert e.value.key == key, (key, str(e.value))
     assert load_config(None, ["fedlgd.ipc=10"]).fedlgd.ipc == 10  # the section exists for every strategy
+
+
+def test_client_side_pieces():
+    from fedkd.distill import alignment_loss, embedding_mean_distance
+    from fedkd.models import ConvNet
+    from fedkd.strategies.fedlgd import local_dm, local_loss, local_virtual_init
+
+    hp = FedLGDConfig(ipc=3, real_batch=8, lambda_sim=10.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 12, 12, generator=g)
+    y = torch.tensor([0, 2] * 20)  # this client holds classes 0 and 2 only
+    images, labels = local_virtual_init(x, y, 4, hp, g)
+    assert images.shape == (6, 3, 12, 12) and labels.tolist() == [0, 0, 0, 2, 2, 2]
+    torch.manual_seed(0)
+    factory = lambda: ConvNet((3, 12, 12), 4, width=8, depth=2)  # noqa: E731
+    judge = factory()
+    before = embedding_mean_distance(judge, images, labels, x, y)
+    assert len(local_dm(images, labels, x, y, hp, g, net_factory=factory, iterations=20)) == 20
+    assert embedding_mean_distance(judge, images, labels, x, y) < before
+    model = factory()
+    gx, gy = torch.randn(8, 3, 12, 12, generator=g), torch.arange(4).repeat_interleave(2)
+    loss, ce, align = local_loss(model, x[:5], y[:5], gx, gy, hp, refresh=False)
+    emb, logits = model.embed_and_logits(x[:5])
+    assert torch.isclose(ce, F.cross_entropy(logits, y[:5]))
+    assert torch.isclose(align, alignment_loss(emb, y[:5], model.embed(gx), gy)) and torch.isclose(loss, ce + 10 * align)
+    loss, ce, align = local_loss(model, x[:5], y[:5], gx, gy, hp, refresh=True)
+    assert torch.equal(loss, ce) and float(align) == 0.0
