@@ -35,7 +35,12 @@ Client contract. Every message is a ``train`` message whose ConfigRecord carries
   ``train.batch_size``) on local + global virtual data with CE, plus ``lambda_sim`` x SupCon between the
   batch's embeddings and the embeddings of all global virtual images unless ``keys.FEDLGD_REFRESH``.
   Reply with the weights under ``keys.ARRAYS`` and ``keys.NUM_EXAMPLES`` in ``keys.METRICS``: never
-  images, virtual or real. All its random draws come from its private generator.
+  images, virtual or real. All its random draws come from its private generator. With
+  ``fedlgd.local_image_dir`` set, it writes a grid of its local virtual data after the warm-up and each DM
+  (``fedkd.distill.save_virtual_grid``) there, on its own machine.
+- ``evaluate`` messages are FedAvg's (the global model only): evaluate it on the own test split, normalised.
+
+``local_virtual_init``, ``local_dm`` and ``local_loss`` below are the client's pieces as pure functions.
 
 Our readings and deviations (also in strategies/README.md): class statistics per class (the authors'
 code divides by all of a client's pixels, fedkd.distill.class_stats); the server averages them over the

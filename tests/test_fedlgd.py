@@ -125,7 +125,7 @@ def fedlgd_cfg(*more):
     ])
 
 
-def test_fedlgd_server_protocol_end_to_end(registered, tmp_path):
+def test_fedlgd_server_protocol_end_to_end(registered, tmp_path, capsys):
     cfg = fedlgd_cfg()
     fed = load_federation(cfg.data, cfg.run.seed)
     client = StandIn(cfg, fed, nan_from=(1, 2))
@@ -162,6 +162,10 @@ def test_fedlgd_server_protocol_end_to_end(registered, tmp_path):
     assert summary["bytes_up"] > 3 * per_client  # and counted in the run's uplink
     # one PNG grid per version of the global data, as sent
     assert [p.name for p in list_grids(tmp_path)] == ["global-v000-round0001.png", "global-v001-round0002.png"]
+    from fedkd.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0
+    assert "virtual images (2 grids" in capsys.readouterr().out
 
 
 def test_schedule_follows_the_authors_loop():
