@@ -84,7 +84,7 @@ class DataConfig:
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         from fedkd.data import DATASETS, PARTITIONERS
-        from fedkd.data.domains import DOMAINS
+        from fedkd.data.domains import DOMAIN_DATASETS, DOMAINS
 
         _require(self.dataset in DATASETS, "data.dataset", _one_of(self.dataset, DATASETS.names()))
         _require(
@@ -131,9 +131,9 @@ class DataConfig:
         )
         if self.partitioner == "domain":
             _require(
-                self.dataset.endswith("-domains"),
+                self.dataset in DOMAIN_DATASETS,
                 "data.partitioner",
-                f"'domain' needs a domain dataset (digits-domains, mnist-domains; got {self.dataset!r})",
+                f"'domain' needs a domain dataset ({', '.join(DOMAIN_DATASETS)}; got {self.dataset!r})",
             )
             _require(
                 self.num_clients >= len(self.domains),

@@ -235,4 +235,4 @@ def test_virtual_grid_png(tmp_path):
     labels = torch.arange(3).repeat_interleave(4)
     path = save_virtual_grid(images, labels, tmp_path / "virtual" / "global-round0001.png")
     img = matplotlib.image.imread(path)
-    assert img.shape[:2] == (3 * 30 + 2, 4 * 30 + 2)  # a row per class, 2-pixel gutters
+    assert img.shape[:2] == (2 * (3 * 30 + 2), 2 * (4 * 30 + 2))  # a row per class, 2-pixel gutters, pixels doubled

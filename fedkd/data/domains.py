@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SIZE = 28  # every domain image is 3 x SIZE x SIZE
+DOMAIN_DATASETS = ("digits-domains", "mnist-domains")  # the dataset names registered in datasets.py
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,9 @@ def image_grid(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Ten
     return grid
 
 
-def save_virtual_grid(images, labels, path: str | Path, mean: float = 0.5, std: float = 0.5, max_per_class: int | None = None) -> Path:
-    """Write :func:`image_grid` to ``path`` as a PNG (pixel for pixel) and return the path."""
+def save_virtual_grid(images, labels, path: str | Path, mean: float = 0.5, std: float = 0.5, max_per_class: int | None = None,
+                      scale: int = 2) -> Path:
+    """Write :func:`image_grid` to ``path`` as a PNG, each pixel ``scale`` x ``scale``, and return the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +54,8 @@ def save_virtual_grid(images, labels, path: str | Path, mean: float = 0.5, std: 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, image_grid(images, labels, mean, std, max_per_class=max_per_class))
+    grid = image_grid(images, labels, mean, std, max_per_class=max_per_class)
+    plt.imsave(path, grid.repeat(scale, axis=0).repeat(scale, axis=1))
     return path
 
 
