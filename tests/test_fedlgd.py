@@ -44,6 +44,15 @@ def _task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small tensors: one intra-op thread is as fast, and does not spin against other processes on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def registered(monkeypatch):
     """'fedlgd' in STRATEGIES for the duration of a test (the client side registers it for real later)."""

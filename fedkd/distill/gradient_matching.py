@@ -59,9 +59,11 @@ def pseudo_gradient(model: nn.Module, old: Mapping[str, np.ndarray | torch.Tenso
     return out
 
 
-def synthetic_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, create_graph: bool = False) -> list[torch.Tensor]:
-    """The gradient of the mean cross-entropy of ``model`` on (images, labels), one tensor per parameter."""
-    params = [p for p in model.parameters()]
+def synthetic_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, create_graph: bool = False,
+                       matrices_only: bool = False) -> list[torch.Tensor]:
+    """The gradient of the mean cross-entropy of ``model`` on (images, labels), one tensor per parameter
+    (``matrices_only``: only for parameters of 2 or more dimensions, the ones the distance uses)."""
+    params = [p for p in model.parameters() if p.dim() > 1 or not matrices_only]
     loss = F.cross_entropy(model(images), labels)
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
@@ -86,12 +88,15 @@ def gradient_matching(
     for p in model.parameters():
         p.requires_grad_(True)  # needed to differentiate the CE gradient; nothing is stepped on the model
     model.eval()
-    target = [t.detach() for t in target]
+    params = list(model.parameters())
+    if len(params) != len(target):
+        raise ValueError(f"{len(target)} target gradients for {len(params)} parameters")
+    target = [t.detach() for p, t in zip(params, target) if p.dim() > 1]  # 1-D tensors add nothing to D: skip their second-order terms
     images.requires_grad_(True)
     opt = torch.optim.SGD([images], lr=lr, momentum=momentum)
     losses = []
     for it in range(iterations):
-        d = match_distance(synthetic_gradient(model, images, labels, create_graph=True), target)
+        d = match_distance(synthetic_gradient(model, images, labels, create_graph=True, matrices_only=True), target)
         opt.zero_grad(set_to_none=True)
         (images.grad,) = torch.autograd.grad(d, [images])
         opt.step()
