@@ -54,7 +54,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory written by fedkd run")
 
 
-@command("report", "print a run's summary and write accuracy/loss plots", _report_args)
+@command("report", "print a run's summary, write accuracy/loss plots, list virtual-image grids", _report_args)
 def cmd_report(args: argparse.Namespace) -> int:
     from fedkd.results import plot_run, read_run
 
@@ -66,6 +66,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(srv.to_string(float_format=lambda v: f"{v:.4f}"))
     for path in plot_run(args.run_dir):
         print(f"wrote {path}")
+    from fedkd.distill import list_grids
+
+    grids = list_grids(args.run_dir)  # PNG grids of virtual images (FedLGD), written during the run
+    if grids:
+        print(f"\nvirtual images ({len(grids)} grids, one row per class):")
+        for path in grids:
+            print(f"  {path}")
     return 0
 
 

@@ -8,7 +8,8 @@ Sections and keys (defaults = the default experiment)::
     [run]        name, seed, rounds, device ("auto" | "cpu" | "cuda" | "cuda:N"), out_dir
     [data]       dataset, data_dir, num_clients, partitioner, alpha, classes_per_client,
                  min_partition_size, client_test_fraction, server_test_fraction, max_samples,
-                 num_subjects, records_per_subject, subjects_per_client, subject_separation
+                 num_subjects, records_per_subject, subjects_per_client, subject_separation,
+                 domains, domain_alpha (feature-shift domains)
     [model]      name (a name or a list of names, assigned by partition id modulo its length),
                  hidden, dropout
     [train]      local_epochs, batch_size, lr, momentum, weight_decay
@@ -77,9 +78,13 @@ class DataConfig:
     records_per_subject: int = 60
     subjects_per_client: int = 4
     subject_separation: float = 1.0
+    # feature-shift domains (digits-domains, mnist-domains; fedkd/data/domains.py)
+    domains: tuple[str, ...] = ("gray", "inverted", "rotated", "noisy", "blurred", "colored")
+    domain_alpha: float = 0.0  # 0 = IID inside a domain; > 0 = Dirichlet label skew among a domain's clients
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         from fedkd.data import DATASETS, PARTITIONERS
+        from fedkd.data.domains import DOMAIN_DATASETS, DOMAINS
 
         _require(self.dataset in DATASETS, "data.dataset", _one_of(self.dataset, DATASETS.names()))
         _require(
@@ -115,6 +120,33 @@ class DataConfig:
             "data.subject_separation",
             f"must be >= 0 (got {self.subject_separation})",
         )
+        _require(len(self.domains) >= 1, "data.domains", f"must name at least one domain; valid: {', '.join(DOMAINS)}")
+        for d in self.domains:
+            _require(d in DOMAINS, "data.domains", _one_of(d, list(DOMAINS)))
+        _require(len(set(self.domains)) == len(self.domains), "data.domains", f"names a domain twice (got {list(self.domains)})")
+        _require(
+            self.domain_alpha >= 0 and math.isfinite(self.domain_alpha),
+            "data.domain_alpha",
+            f"must be >= 0 (0 = no label skew; got {self.domain_alpha})",
+        )
+        if self.partitioner == "domain":
+            _require(
+                self.dataset in DOMAIN_DATASETS,
+                "data.partitioner",
+                f"'domain' needs a domain dataset ({', '.join(DOMAIN_DATASETS)}; got {self.dataset!r})",
+            )
+            _require(
+                self.num_clients >= len(self.domains),
+                "data.num_clients",
+                f"{self.num_clients} clients for {len(self.domains)} domains: each domain needs at least one client",
+            )
+            if self.domain_alpha > 0:
+                _require(
+                    self.num_clients // len(self.domains) >= 2,  # client i holds domain i % len(domains)
+                    "data.domain_alpha",
+                    f"label skew inside a domain needs >= 2 clients per domain; {self.num_clients} clients over "
+                    f"{len(self.domains)} domains leave some with one (use data.num_clients >= {2 * len(self.domains)})",
+                )
 
 
 @dataclass(frozen=True)

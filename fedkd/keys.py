@@ -49,3 +49,15 @@ RQM_LEVELS = "rqm-levels"  # MetricRecord: how many symbols (RQM levels, PBM tri
 STATE_RQM_ROUNDS = "fedkd.rqm-rounds"  # how many rounds this client has released an RQM update
 RQM_COORDS = "rqm-coords"  # MetricRecord: coordinates quantized in this update
 PBM_THETA = "fedkd.pbm.theta"  # ConfigRecord: the theta in force, when the server calibrated it
+
+# FedLGD (strategies/fedlgd.py holds the client contract; building blocks in fedkd/distill).
+FEDLGD_STATS_PHASE = "stats"  # value of keys.PHASE: round 1's first exchange, each client sends its class statistics
+FEDLGD_TRAIN_PHASE = "train"  # value of keys.PHASE: a training exchange
+FEDLGD_STATS = "fedlgd.class-stats"  # reply ArrayRecord: mean (K, C), std (K, C) float32, present (K,) bool
+FEDLGD_GLOBAL = "fedlgd.global-virtual"  # ArrayRecord sent down: images (K*server_ipc, C, H, W) normalised, labels (K*server_ipc,)
+FEDLGD_VERSION = "fedlgd.global-version"  # ConfigRecord: version of the global virtual data in force (0 = initialisation)
+FEDLGD_REFRESH = "fedlgd.refresh"  # ConfigRecord (bool): the server refreshes its global data this round: train with plain CE
+FEDLGD_LOCAL_DM = "fedlgd.local-dm"  # ConfigRecord (bool): run iterative DM with the received global model before training
+STATE_FEDLGD_LOCAL = "fedlgd.local-virtual"  # Context.state ArrayRecord: the client's local virtual images, labels
+STATE_FEDLGD_GLOBAL = "fedlgd.global-virtual"  # Context.state ArrayRecord: the last global virtual data received
+STATE_FEDLGD_VERSION = "fedlgd.global-version"  # Context.state ConfigRecord: its version

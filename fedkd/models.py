@@ -5,6 +5,11 @@
   28x28 and 32x32 inputs.
 - ``lenet``: the sigmoid LeNet of DLG (Zhu et al. 2019): three 5x5 convs (12 channels, strides 2, 2, 1)
   with sigmoid activations and one linear layer. :func:`init_uniform` gives DLG's U(-0.5, 0.5) weights.
+- ``convnet``: the ConvNet of Dataset Condensation and FedLGD (:class:`ConvNet`): 3 blocks of
+  [3x3 conv, width 128 -> instance norm as GroupNorm(128, 128) -> ReLU -> 2x2 average pooling], then one
+  linear layer on the flattened features. ``forward`` returns logits like every fedkd model;
+  ``embed(x)`` returns the flattened features (B, 128 * h * w) and ``embed_and_logits(x)`` both, which
+  is what the authors' ``forward`` returns.
 
 Dropout (``model.dropout``) sits before each hidden linear layer's activation output.
 """
@@ -64,6 +69,47 @@ def lenet(input_shape, num_classes: int, hidden=(), dropout: float = 0.0) -> nn.
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(12 * (-(-h // 4)) * (-(-w // 4)), num_classes))
     return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """The ConvNet of Dataset Condensation (Zhao et al. 2021) as FedLGD configures it.
+
+    Defaults: width 128, depth 3, ReLU, "instancenorm" implemented as ``GroupNorm(C, C)`` (affine),
+    2x2 average pooling. As in the authors' code, a 1-channel input gets padding 3 in the first conv
+    (28x28 -> 32x32 before pooling); otherwise padding 1. For 3x28x28 inputs the embedding is 128*3*3.
+    """
+
+    def __init__(self, input_shape, num_classes: int, width: int = 128, depth: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = []
+        for d in range(depth):
+            pad = 3 if c == 1 and d == 0 else 1
+            layers += [nn.Conv2d(c if d == 0 else width, width, 3, padding=pad), nn.GroupNorm(width, width, affine=True), nn.ReLU(), nn.AvgPool2d(2)]
+            h, w = (h + 2 * pad - 2) // 2, (w + 2 * pad - 2) // 2
+            if h < 1 or w < 1:
+                raise ValueError(f"convnet: inputs of {tuple(input_shape)} are too small for depth {depth}")
+        self.features = nn.Sequential(*layers, nn.Flatten())  # (B, width * h * w)
+        self.embedding_dim = width * h * w
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(self.embedding_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the flattened features (B, embedding_dim)."""
+        return self.features(x)
+
+    def embed_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding (B, D), logits (B, K)): the authors' ``forward``."""
+        e = self.features(x)
+        return e, self.classifier(self.dropout(e))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_and_logits(x)[1]
+
+
+@MODELS.register("convnet")
+def convnet(input_shape, num_classes: int, hidden=(), dropout: float = 0.0) -> nn.Module:
+    return ConvNet(input_shape, num_classes, dropout=dropout)
 
 
 def build_model(name: str, input_shape, num_classes: int, hidden=None, dropout: float = 0.0) -> nn.Module:

@@ -5,7 +5,7 @@ from fedkd.models import MODELS, build_model, init_uniform
 from fedkd.registry import UnknownNameError
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "convnet"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_models_map_images_to_logits(name, shape):
     m = build_model(name, shape, 10, dropout=0.25)
@@ -29,3 +29,23 @@ def test_unknown_model_lists_valid_names():
     with pytest.raises(UnknownNameError) as e:
         MODELS.get("resnet")
     assert "cnn" in str(e.value) and "lenet" in str(e.value) and "mlp" in str(e.value)
+
+
+def test_convnet_is_the_papers_convnet():
+    from fedkd.models import ConvNet
+
+    m = build_model("convnet", (3, 28, 28), 10)
+    assert isinstance(m, ConvNet) and m.embedding_dim == 128 * 3 * 3
+    x = torch.rand(4, 3, 28, 28)
+    emb, logits = m.embed_and_logits(x)
+    assert emb.shape == (4, 1152) and logits.shape == (4, 10)
+    assert torch.equal(m(x), logits) and torch.equal(m.embed(x), emb)
+    norms = [l for l in m.modules() if isinstance(l, torch.nn.GroupNorm)]
+    assert len(norms) == 3 and all(n.num_groups == n.num_channels == 128 for n in norms)  # instance norm
+    assert sum(isinstance(l, torch.nn.AvgPool2d) for l in m.modules()) == 3
+    assert sum(isinstance(l, torch.nn.Conv2d) for l in m.modules()) == 3
+    # instance norm: an image's embedding does not depend on the rest of the batch
+    assert torch.allclose(m.embed(x[:1]), emb[:1], atol=1e-5)
+    # 1-channel 28x28 input: padding 3 in the first conv, as the authors' code (-> 128 * 4 * 4)
+    assert build_model("convnet", (1, 28, 28), 10).embedding_dim == 128 * 4 * 4
+    assert build_model("convnet", (1, 8, 8), 10)(torch.rand(2, 1, 8, 8)).shape == (2, 10)

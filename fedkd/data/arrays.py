@@ -14,13 +14,14 @@ class ArrayDataset:
     num_classes: int
     subject: np.ndarray | None = None  # (N,) int64 natural id (writer, person, ...)
     client: np.ndarray | None = None  # (N,) int64 client assignment made by a generator (-1 = none)
+    domain: np.ndarray | None = None  # (N,) int64 index into the federation's domain names (domains.py)
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4:
             raise ValueError(f"x must be (N, C, H, W), got shape {self.x.shape}")
         if len(self.x) != len(self.y):
             raise ValueError(f"{len(self.x)} inputs but {len(self.y)} labels")
-        for name in ("subject", "client"):
+        for name in ("subject", "client", "domain"):
             col = getattr(self, name)
             if col is not None and len(col) != len(self.y):
                 raise ValueError(f"{name} has {len(col)} entries for {len(self.y)} samples")
@@ -35,7 +36,7 @@ class ArrayDataset:
     def take(self, idx: np.ndarray) -> "ArrayDataset":
         idx = np.asarray(idx, dtype=np.int64)
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, pick(self.subject), pick(self.client))
+        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, pick(self.subject), pick(self.client), pick(self.domain))
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,54 @@ def load_synthetic_subjects(cfg, seed: int) -> Loaded:
         ss.append(np.full(per, s))
     test = ArrayDataset(np.concatenate(xs), np.concatenate(ys), data.num_classes, subject=np.concatenate(ss))
     return members, test, {"subject_model": model, "holders": holders}
+
+
+# --------------------------------------------------------------------------- feature-shift domains
+def _domain_federation(x28: np.ndarray, y: np.ndarray, cfg, seed: int) -> Loaded:
+    """Base digits -> one transformed shard per ``data.domains`` entry; a server test set stratified by
+    (domain, label). Samples carry their domain index; ``extras["domains"]`` names them."""
+    from sklearn.model_selection import train_test_split
+
+    from .domains import build_domains
+
+    rng = np.random.default_rng(seed)
+    if cfg.max_samples and len(y) > cfg.max_samples:  # subsample before the (slower) transforms
+        keep = np.sort(rng.choice(len(y), cfg.max_samples, replace=False))
+        x28, y = x28[keep], y[keep]
+    x, y, dom = build_domains(x28, y, tuple(cfg.domains), seed)
+    data = ArrayDataset(x, y, 10, domain=dom)
+    idx = np.arange(len(y))
+    strata = dom * 10 + y
+    _, counts = np.unique(strata, return_counts=True)
+    ok = counts.min() >= 2 and round(len(y) * cfg.server_test_fraction) >= len(counts)
+    if cfg.server_test_fraction > 0:
+        keep, test = train_test_split(idx, test_size=cfg.server_test_fraction, random_state=seed, stratify=strata if ok else None)
+    else:
+        keep, test = idx, idx[:0]
+    return data.take(np.sort(keep)), data.take(np.sort(test)), {"domains": list(cfg.domains)}
+
+
+@DATASETS.register("digits-domains")
+def load_digits_domains(cfg, seed: int) -> Loaded:
+    """Feature-shift federation from sklearn's digits (offline): see fedkd/data/domains.py."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    from .domains import digits_28
+
+    d = sk_digits()
+    return _domain_federation(digits_28(d.images / 16.0), d.target.astype(np.int64), cfg, seed)
+
+
+@DATASETS.register("mnist-domains")
+def load_mnist_domains(cfg, seed: int) -> Loaded:
+    """Feature-shift federation from MNIST IDX files (train and/or t10k) in ``data.data_dir``."""
+    xs, ys = [], []
+    if cfg.data_dir:
+        for prefix in ("train", "t10k"):
+            xi, yi = find_idx(cfg.data_dir, f"{prefix}-images-idx3-ubyte"), find_idx(cfg.data_dir, f"{prefix}-labels-idx1-ubyte")
+            if xi and yi:
+                xs.append(read_idx(xi).astype(np.float32) / 255.0)
+                ys.append(read_idx(yi).astype(np.int64))
+    if not xs:
+        raise FileNotFoundError(f"mnist-domains needs MNIST IDX files (train-*/t10k-*-ubyte[.gz]) in data.data_dir (got {cfg.data_dir!r})")
+    return _domain_federation(np.concatenate(xs), np.concatenate(ys), cfg, seed)

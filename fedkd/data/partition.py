@@ -95,3 +95,53 @@ def subject(data: ArrayDataset, cfg, seed: int) -> list[np.ndarray]:
         part = p.load_partition(pid)
         out[int(part["group"][0])] = np.asarray(part["index"], dtype=np.int64)  # client i = group i
     return out
+
+
+@PARTITIONERS.register("domain")
+def domain(data: ArrayDataset, cfg, seed: int) -> list[np.ndarray]:
+    """One domain per client (fedkd/data/domains.py): client i holds domain i % len(data.domains).
+
+    A domain with several clients is split among them IID, or with Dirichlet(``data.domain_alpha``) label
+    skew when that is > 0 (flwr-datasets' DirichletPartitioner inside the domain). The resulting client
+    ids are the natural ids of flwr-datasets' NaturalIdPartitioner.
+    """
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+    from .domains import client_domains
+
+    if data.domain is None:
+        raise ConfigError("data.partitioner", "'domain' needs a dataset with domain ids (digits-domains, mnist-domains)")
+    num_domains = len(cfg.domains)
+    owner = client_domains(cfg.num_clients, num_domains)  # (num_clients,) domain of each client
+    group = np.full(len(data), -1, dtype=np.int64)
+    for d in range(num_domains):
+        clients = np.flatnonzero(owner == d)
+        idx = np.flatnonzero(data.domain == d)
+        if len(clients) == 1:
+            group[idx] = clients[0]
+            continue
+        sub = data.take(idx)
+        if cfg.domain_alpha > 0:
+            p = DirichletPartitioner(
+                num_partitions=len(clients), partition_by="label", alpha=cfg.domain_alpha,
+                min_partition_size=min(cfg.min_partition_size, len(idx) // len(clients)), self_balancing=False, seed=seed + d,
+            )
+            try:
+                parts = _run(p, _table(sub), len(clients))
+            except ValueError as e:
+                raise ConfigError(
+                    "data.domain_alpha",
+                    f"dirichlet({cfg.domain_alpha}) could not split domain {cfg.domains[d]!r} ({len(idx)} samples) over "
+                    f"{len(clients)} clients with {cfg.min_partition_size} samples each ({e}); raise it or lower data.min_partition_size",
+                ) from None
+        else:
+            parts = _run(IidPartitioner(num_partitions=len(clients)), _table(sub).shuffle(seed=seed + d), len(clients))
+        for c, part in zip(clients, parts):
+            group[idx[part]] = c
+    p = NaturalIdPartitioner(partition_by="group")
+    p.dataset = _table(data, group)
+    out: list[np.ndarray] = [np.empty(0, np.int64)] * cfg.num_clients
+    for pid in range(p.num_partitions):
+        part = p.load_partition(pid)
+        out[int(part["group"][0])] = np.asarray(part["index"], dtype=np.int64)  # client i = group i
+    return out
