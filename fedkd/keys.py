@@ -49,3 +49,11 @@ RQM_LEVELS = "rqm-levels"  # MetricRecord: how many symbols (RQM levels, PBM tri
 STATE_RQM_ROUNDS = "fedkd.rqm-rounds"  # how many rounds this client has released an RQM update
 RQM_COORDS = "rqm-coords"  # MetricRecord: coordinates quantized in this update
 PBM_THETA = "fedkd.pbm.theta"  # ConfigRecord: the theta in force, when the server calibrated it
+
+# Hypernetworks (HyperFL, pFedHN). The arrays travel under ARRAYS: HyperFL, the hypernetwork's state both ways;
+# pFedHN, the generated theta_i down and theta_new - theta_i up.
+STATE_HYPERFL = "fedkd.hyperfl.private"  # ArrayRecord in Context.state: embedding.weight and head.* (never sent)
+STATE_PFEDHN_HEAD = "fedkd.pfedhn.head"  # ArrayRecord in Context.state: pFedHN-PC's personal last layer (+ momentum/*)
+LOSS_HEAD = "loss_head"  # HyperFL reply MetricRecord: mean cross-entropy of the head-only stage
+HYPER_REJECTED = "hyper_rejected"  # server train metric: replies refused this round (wrong arrays or non-finite)
+PFEDHN_GRAD_NORM = "pfedhn_grad_norm"  # server train metric: mean pre-clip norm of the round's VJP gradients

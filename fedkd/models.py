@@ -5,6 +5,8 @@
   28x28 and 32x32 inputs.
 - ``lenet``: the sigmoid LeNet of DLG (Zhu et al. 2019): three 5x5 convs (12 channels, strides 2, 2, 1)
   with sigmoid activations and one linear layer. :func:`init_uniform` gives DLG's U(-0.5, 0.5) weights.
+- ``hyperfl-cnn``, ``pfedhn-cnn``: the target networks of HyperFL and pFedHN (``fedkd/hypernet.py``), usable by
+  any strategy (e.g. FedAvg on the same architecture as a hypernetwork run).
 
 Dropout (``model.dropout``) sits before each hidden linear layer's activation output.
 """
@@ -91,3 +93,6 @@ def init_uniform(model: nn.Module, bound: float = 0.5, seed: int | None = None) 
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+from fedkd import hypernet as _hypernet  # noqa: E402,F401  (registers "hyperfl-cnn" and "pfedhn-cnn")
