@@ -108,13 +108,26 @@ def initial_hypernet(cfg, fed) -> HyperFLHypernet:
     return HyperFLHypernet(shapes, cfg.hyperfl.embed_dim, cfg.hyperfl.hidden_dim)
 
 
-class HyperFL(PersonalStrategy):
+class HyperStrategy(PersonalStrategy):
+    """Personalised evaluation plus the server's own per-round training statistics (``train_stats``), which
+    :meth:`evaluate_fn` reports next to the personal rows under node ``server`` (e.g. ``hyper_rejected``)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_stats: dict[int, dict[str, float]] = {}
+        self.rejected: dict[int, list[str]] = {}  # round -> why replies were refused
+
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        stats = {**self.personal.get(server_round, {}), **self.train_stats.get(server_round, {})}
+        return MetricRecord(stats) if stats else None
+
+
+class HyperFL(HyperStrategy):
     """FedAvg over the hypernetwork's parameters; personalised evaluation (no global model)."""
 
     def __init__(self, hnet_shapes: dict[str, torch.Size], **kwargs) -> None:
         super().__init__(**kwargs)
         self.hnet_shapes = dict(hnet_shapes)  # state-dict name -> shape of every hypernetwork tensor
-        self.rejected: dict[int, list[str]] = {}  # round -> reasons
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return FedAvg.configure_train(self, server_round, arrays, config, grid)
@@ -139,8 +152,8 @@ class HyperFL(PersonalStrategy):
         replies = list(replies)
         ok = self.conforming(server_round, replies)
         arrays, metrics = FedAvg.aggregate_train(self, server_round, ok) if ok else (None, None)
-        metrics = MetricRecord({**dict(metrics or {}), keys.HYPER_REJECTED: len(self.valid(replies)) - len(ok)})
-        return arrays, metrics
+        self.train_stats[server_round] = {keys.HYPER_REJECTED: len(self.valid(replies)) - len(ok)}
+        return arrays, MetricRecord({**dict(metrics or {}), **self.train_stats[server_round]})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return FedAvg.configure_evaluate(self, server_round, arrays, config, grid)  # the aggregated hypernetwork

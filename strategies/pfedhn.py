@@ -53,8 +53,8 @@ from fedkd.training import resolve_device
 
 from .base import StrategyEntry, StrategySpec
 from .fedavg import sampling
-from .hyperfl import check_hyper_combination, target_model
-from .personal import PersonalStrategy, mean_metrics
+from .hyperfl import HyperStrategy, check_hyper_combination, target_model
+from .personal import mean_metrics
 
 VARIANTS = ("pfedhn", "pfedhn-pc")
 
@@ -114,7 +114,7 @@ def generated_shapes(target: torch.nn.Module, personal_head: bool) -> dict[str, 
     return target_shapes(target, exclude=classifier_names(target) if personal_head else ())
 
 
-class PFedHN(PersonalStrategy):
+class PFedHN(HyperStrategy):
     """The server of pFedHN / pFedHN-PC: generates each sampled client's model, updates phi and v_i by the VJP."""
 
     def __init__(self, hnet: PFedHNHypernet, hp: PFedHNConfig, variant: str, device="cpu", **kwargs) -> None:
@@ -127,7 +127,6 @@ class PFedHN(PersonalStrategy):
         self.rows: dict[int, int] = {}  # node id -> embedding row
         self.generator_copy: PFedHNHypernet | None = None  # the hypernetwork that generated this round's thetas
         self.sent: dict[int, int] = {}  # node id -> row, of this round's train messages
-        self.rejected: dict[int, list[str]] = {}
         self._state = self.state()
 
     # -- server state
@@ -183,12 +182,12 @@ class PFedHN(PersonalStrategy):
             norms.append(pfedhn_step(self.hnet, self.optimizer, self.sent[node], delta, self.hp.clip, jacobian_at=self.generator_copy))
             accepted.append(r)
         self.generator_copy = None
-        metrics = dict(mean_metrics(accepted) or {})
-        metrics[keys.HYPER_REJECTED] = len(valid) - len(accepted)
+        stats = {keys.HYPER_REJECTED: len(valid) - len(accepted)}
         if norms:
-            metrics[keys.PFEDHN_GRAD_NORM] = float(np.mean(norms))
+            stats[keys.PFEDHN_GRAD_NORM] = float(np.mean(norms))
+        self.train_stats[server_round] = stats
         self._state = self.state()
-        return self._state, MetricRecord(metrics)
+        return self._state, MetricRecord({**dict(mean_metrics(accepted) or {}), **stats})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.load(arrays)
