@@ -220,10 +220,11 @@ def hyperfl_local_observation(
     partition_id: int = 0,
 ) -> HyperFLObservation:
     """What a HyperFL server would observe if one client ran its local round on ``data`` (an ArrayDataset) from
-    ``model`` (not modified): ``gradient``, one head step and one hypernetwork step on all of ``data``; ``update``,
-    the whole two-stage round with ``hp``. For tests and studies without a federation."""
+    ``model`` (not modified): ``gradient``, one head step (none if ``hp.head_epochs`` is 0) and one hypernetwork
+    step on all of ``data``; ``update``, the whole two-stage round with ``hp``. For tests and studies without a
+    federation; ``generator`` draws the client's shuffles."""
     n = len(data)
-    run_hp = dataclasses.replace(hp, head_epochs=1, hnet_epochs=1, batch_size=n) if setting == "gradient" else hp
+    run_hp = dataclasses.replace(hp, head_epochs=min(hp.head_epochs, 1), hnet_epochs=1, batch_size=n) if setting == "gradient" else hp
     client = copy.deepcopy(model)
     before = model.shared_state()
     res = hyperfl_local_update(client, torch.from_numpy(data.x), torch.from_numpy(data.y), run_hp, generator=generator)
