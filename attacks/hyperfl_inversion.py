@@ -14,6 +14,12 @@ the sign of the image gradient, pixels boxed to [0, 1], lr x0.1 at 3/8, 5/8, 7/8
   the data) applied to HyperFL's private parts: v and the head are optimised jointly with the images and labels
   (plain Adam for them, unboxed). HyperFL's CNN has no dropout layer, so there are no masks.
 
+- ``hyperfl-rank1`` (fedkd's own, not in the paper; ``gradient`` setting only): one hypernetwork step gives the
+  generated weights away. Every head is linear in the shared hidden code z = mlp(v), so its bias gradient is
+  c dL/dtheta_k and its weight gradient c dL/dtheta_k z^T, whatever the batch: z (least squares over the heads), the
+  client's private body theta = W z + b and c dL/dtheta follow exactly (:func:`recover_generated`); then IG on the
+  target with that body, matching c dL/dtheta, the head still unknown and optimised.
+
 Labels: iDLG's rule needs the classifier's gradient, which HyperFL keeps private, so both attacks optimise soft
 labels (logits, DLG's treatment); the reported guess is their argmax (meaningful only up to the unknown head).
 
@@ -196,8 +202,69 @@ def hyperfl_dia(obs: Observation, params: HyperFLDIAParams, device="cpu", seed: 
     return _invert(obs, params, "hyperfl-dia", True, device, seed)
 
 
+def recover_generated(obs: HyperFLObservation, device="cpu") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """fedkd's own analysis (not in the paper), ``gradient`` setting: the hypernetwork's update gives away the
+    client's generated weights and their gradient. Each head k is linear in the shared hidden code z = mlp(v), so its
+    clipped gradient is ``c dL/dtheta_k`` for the bias and ``c dL/dtheta_k z^T`` for the weight, whatever the batch:
+    z is the least-squares solution over all heads, theta_k = W_k z + b_k with the phi_0 the server sent, and
+    ``c dL/dtheta_k`` is read off the bias. Returns (theta, c dL/dtheta), both name -> tensor of the target's body."""
+    if obs.training.setting != "gradient":
+        raise ObservationError("hyperfl-rank1: needs a 'gradient' observation (one hypernetwork step); over several steps z moves")
+    replay = HyperFLReplay(obs, device)
+    grads = dict(zip(replay.names, replay.target))  # the clipped gradient c * dL/dphi
+    heads = {k: f"heads.linear.{k.replace('.', '_')}" for k in replay.hnet.shapes}  # generated tensor -> its head
+    u = {k: grads[f"{h}.bias"] for k, h in heads.items()}  # c dL/dtheta_k, flattened (numel_k,)
+    z = sum(grads[f"{h}.weight"].T @ u[k] for k, h in heads.items()) / sum((u[k] ** 2).sum() for k in heads)  # (hidden,)
+    theta = {k: (replay.phi0[f"{h}.weight"] @ z + replay.phi0[f"{h}.bias"]).view(replay.hnet.shapes[k]) for k, h in heads.items()}
+    return theta, {k: u[k].view(replay.hnet.shapes[k]) for k in heads}
+
+
+@dataclass(frozen=True)
+class HyperFLRank1Params:
+    steps: int = 4800  # as ig
+    restarts: int = 4
+    lr: float = 0.1
+    tv: float = 1e-6
+    batched: bool = True
+
+
+def hyperfl_rank1(obs: Observation, params: HyperFLRank1Params, device="cpu", seed: int = 0) -> Reconstruction:
+    """IG on the recovered generated body: match ``c dL/dtheta`` (cosine) with the images, soft labels and the
+    private head optimised together (the head is still unknown). See :func:`recover_generated`."""
+    if not isinstance(obs, HyperFLObservation):
+        raise ObservationError(f"hyperfl-rank1: needs a HyperFL observation, got {type(obs).__name__}")
+    obs.require("hyperfl-rank1", setting="gradient")
+    dev = torch.device(device)
+    theta, dtheta = recover_generated(obs, dev)
+    names = list(theta)
+    target = [dtheta[n] for n in names]
+    skeleton = obs.target().to(dev)
+    head_names = classifier_names(skeleton)
+
+    def body_grad(th, head, x, y):
+        return F.cross_entropy(run_target(skeleton, {**th, **head}, x, True), y)
+
+    n, k = obs.training.num_examples, obs.num_classes
+
+    def objective(x, extras):
+        head, ylog = dict(zip(head_names, extras[:-1])), extras[-1]
+        g = grad(body_grad)(theta, head, x, torch.softmax(ylog, -1))
+        return cosine_distance([g[m] for m in names], target) + params.tv * total_variation(x)
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand((params.restarts, n, *obs.input_shape), generator=g).to(dev)
+    fan_in = skeleton.get_parameter(head_names[0]).shape[-1]
+    bound = 1.0 / math.sqrt(fan_in)
+    heads = tuple(((torch.rand((params.restarts, *skeleton.get_parameter(h).shape), generator=g) * 2 - 1) * bound).to(dev) for h in head_names)
+    labels0 = torch.randn((params.restarts, n, k), generator=g).to(dev)
+    x, extras, losses = signed_adam(objective, x0, (*heads, labels0), steps=params.steps, lr=params.lr, batched=params.batched, box_extras=False)
+    best = int(torch.argmin(torch.nan_to_num(losses, nan=float("inf"))))
+    return Reconstruction(x[best].detach().cpu(), extras[-1][best].argmax(-1).cpu(), float(losses[best]), [float(v) for v in losses])
+
+
 ATTACKS.add("hyperfl-ig", AttackEntry(hyperfl_ig, HyperFLIGParams, "IG through HyperFL's hypernetwork, embedding and head guessed from their inits"))
 ATTACKS.add("hyperfl-dia", AttackEntry(hyperfl_dia, HyperFLDIAParams, "IG through HyperFL's hypernetwork, embedding and head optimised with the images (DIA's principle)"))
+ATTACKS.add("hyperfl-rank1", AttackEntry(hyperfl_rank1, HyperFLRank1Params, "fedkd's own: recover the generated weights from the rank-one hypernetwork gradient, then IG with the head unknown"))
 
 
 # --------------------------------------------------------------------------- observations

@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from fedkd.attacks import ObservationError
 from fedkd.attacks.gradients import cosine_distance
 from fedkd.attacks.hyperfl_inversion import (
-    HyperFLDIAParams, HyperFLIGParams, HyperFLObservation, HyperFLReplay, hyperfl_dia, hyperfl_ig, hyperfl_local_observation,
+    HyperFLDIAParams, HyperFLIGParams, HyperFLObservation, HyperFLRank1Params, HyperFLReplay, hyperfl_dia, hyperfl_ig,
+    hyperfl_local_observation, hyperfl_rank1, recover_generated,
 )
 from fedkd.attacks.ig import IGParams, ig
 from fedkd.attacks.metrics import score
@@ -106,3 +107,24 @@ def test_fedavg_ig_recovers_an_image_that_hyperfl_hides_from_both_adapted_attack
     # Optimising the embedding and head fits the observed update far better, yet the image stays hidden here.
     assert r_dia.loss < 0.5 * r_ig.loss, (r_dia.loss, r_ig.loss)
     assert s_fedavg["psnr"] > s_dia["psnr"] + 15, (s_fedavg["psnr"], s_dia["psnr"])
+
+
+def test_one_hypernetwork_step_gives_away_the_generated_weights_and_their_gradient(digits):
+    data, _ = digits
+    batch = data.take([3, 4, 5, 6])
+    hp = dataclasses.replace(small().hyperfl, head_epochs=0)  # keep the initial head, which we know
+    _, model = fresh(1)
+    obs = hyperfl_local_observation(model, batch, hp, model_name="hyperfl-cnn", generator=torch.Generator().manual_seed(1))
+    theta, dtheta = recover_generated(obs)
+    generated = {k: v.detach() for k, v in model.generate().items()}  # private: never sent
+    leaves = {k: v.clone().requires_grad_() for k, v in generated.items()}
+    loss = F.cross_entropy(model(torch.from_numpy(batch.x), leaves), torch.from_numpy(batch.y))
+    true_grad = torch.autograd.grad(loss, list(leaves.values()))
+    for k in generated:
+        assert float((theta[k] - generated[k]).norm() / generated[k].norm()) < 1e-4, k
+    assert float(cosine_distance([dtheta[k] for k in generated], list(true_grad))) < 1e-6
+    rec = hyperfl_rank1(obs, HyperFLRank1Params(steps=3, restarts=1))
+    assert rec.images.shape == (4, 1, 8, 8) and 0 <= float(rec.images.min()) and float(rec.images.max()) <= 1
+    update = hyperfl_local_observation(model, batch, hp, model_name="hyperfl-cnn", setting="update", generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ObservationError, match="needs a 'gradient' observation"):
+        hyperfl_rank1(update, HyperFLRank1Params(steps=1, restarts=1))
