@@ -112,7 +112,7 @@ class HyperFLReplay:
 
     def _loss(self, phi: dict, v: torch.Tensor, head: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         generated = functional_call(self.hnet, phi, (v,))
-        return F.cross_entropy(run_target(self.skeleton, {**generated, **head}, x, True), y)  # y: (b, K) probabilities
+        return F.cross_entropy(run_target(self.skeleton, {**generated, **head}, x, False), y)  # y: (b, K) probabilities; dropout off
 
     def _clip(self, g: dict) -> dict:
         norm = torch.sqrt(sum((t * t).sum() for t in g.values()))
@@ -242,7 +242,7 @@ def hyperfl_rank1(obs: Observation, params: HyperFLRank1Params, device="cpu", se
     head_names = classifier_names(skeleton)
 
     def body_grad(th, head, x, y):
-        return F.cross_entropy(run_target(skeleton, {**th, **head}, x, True), y)
+        return F.cross_entropy(run_target(skeleton, {**th, **head}, x, False), y)
 
     n, k = obs.training.num_examples, obs.num_classes
 

@@ -12,6 +12,9 @@ without buffers. The papers' targets are registered here:
   fc 120, fc 84, fc K, ReLU. 32x32 -> 5x5 (800 features), 28x28 -> 4x4 (512). Inputs smaller than 28x28 use "same"
   padding 2 (8x8 -> 2x2, 128 features): fedkd's deviation, only for small inputs.
 
+Neither paper uses dropout; ``model.dropout`` > 0 adds one dropout layer before the last Linear of either target
+(as fedkd's ``cnn`` does), off by default.
+
 Split: the *head* of a target is its last ``nn.Linear`` (:func:`classifier_names`); everything before it is the
 *body* (HyperFL: the feature extractor, conv layers + fc1; pFedHN-PC: all but the personal final layer).
 
@@ -55,8 +58,9 @@ def _same_or_paper(h: int, w: int, paper: tuple[int, ...], same: tuple[int, ...]
 class _ConvStack(nn.Module):
     """conv -> act -> 2x2 max-pool per layer, flatten, then Linear layers (act between them, none after the last)."""
 
-    def __init__(self, input_shape, convs: list[tuple[int, int, int]], fcs: list[int], act) -> None:
+    def __init__(self, input_shape, convs: list[tuple[int, int, int]], fcs: list[int], act, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # before the last Linear (fedkd's option, off by default)
         c, h, w = input_shape
         self.act = act
         self.n_conv = len(convs)
@@ -77,6 +81,8 @@ class _ConvStack(nn.Module):
             x = F.max_pool2d(self.act(getattr(self, f"conv{i}")(x)), 2)
         x = x.flatten(1)
         for i in range(1, self.n_fc + 1):
+            if i == self.n_fc and self.dropout is not None:
+                x = self.dropout(x)
             x = getattr(self, f"fc{i}")(x)
             if i < self.n_fc:
                 x = self.act(x)
@@ -85,27 +91,23 @@ class _ConvStack(nn.Module):
 
 @MODELS.register("hyperfl-cnn")
 def hyperfl_cnn(input_shape, num_classes: int, hidden=(), dropout: float = 0.0) -> nn.Module:
-    """HyperFL's CNN (see the module docstring). ``dropout`` is not in the paper; must be 0."""
+    """HyperFL's CNN (see the module docstring). ``dropout`` > 0 (not in the paper) adds dropout before fc2."""
     c, h, w = input_shape
-    if dropout:
-        raise ValueError("hyperfl-cnn has no dropout layer (the paper's CNN); set model.dropout = 0")
     if c == 3:
         pads = _same_or_paper(h, w, (0, 1, 1), (2, 2, 1))
         convs = [(16, 5, pads[0]), (32, 5, pads[1]), (64, 3, pads[2])]
     else:
         pads = _same_or_paper(h, w, (0, 1), (2, 2))
         convs = [(16, 5, pads[0]), (32, 5, pads[1])]
-    return _ConvStack(input_shape, convs, [128, num_classes], F.leaky_relu)
+    return _ConvStack(input_shape, convs, [128, num_classes], F.leaky_relu, dropout)
 
 
 @MODELS.register("pfedhn-cnn")
 def pfedhn_cnn(input_shape, num_classes: int, hidden=(), dropout: float = 0.0) -> nn.Module:
-    """pFedHN's LeNet-style target (see the module docstring). ``dropout`` is not in the paper; must be 0."""
+    """pFedHN's LeNet-style target (see the module docstring). ``dropout`` > 0 (not in the paper) adds dropout before fc3."""
     c, h, w = input_shape
-    if dropout:
-        raise ValueError("pfedhn-cnn has no dropout layer (the paper's target); set model.dropout = 0")
     pad = _same_or_paper(h, w, (0,), (2,))[0]
-    return _ConvStack(input_shape, [(16, 5, pad), (32, 5, pad)], [120, 84, num_classes], F.relu)
+    return _ConvStack(input_shape, [(16, 5, pad), (32, 5, pad)], [120, 84, num_classes], F.relu, dropout)
 
 
 def classifier_names(model: nn.Module) -> tuple[str, ...]:
