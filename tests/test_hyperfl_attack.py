@@ -101,7 +101,6 @@ def test_fedavg_ig_recovers_an_image_that_hyperfl_hides_from_both_adapted_attack
     s_ig = score(r_ig.images.numpy(), r_ig.labels.numpy(), one.x, one.y, mean)
     s_dia = score(r_dia.images.numpy(), r_dia.labels.numpy(), one.x, one.y, mean)
     base = s_fedavg["baseline_psnr"]
-    print(f"psnr: fedavg ig {s_fedavg['psnr']:.1f}, hyperfl-ig {s_ig['psnr']:.1f} (loss {r_ig.loss:.3f}), hyperfl-dia {s_dia['psnr']:.1f} (loss {r_dia.loss:.3f}), baseline {base:.1f}")
     assert s_fedavg["psnr"] > base + 10, (s_fedavg["psnr"], base)  # FedAvg leaks the image
     assert s_ig["psnr"] < base and s_fedavg["psnr"] > s_ig["psnr"] + 15, (s_fedavg["psnr"], s_ig["psnr"])
     # Optimising the embedding and head fits the observed update far better, yet the image stays hidden here.
