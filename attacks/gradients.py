@@ -170,10 +170,10 @@ def one_hot(labels: torch.Tensor, num_classes: int, device) -> torch.Tensor:
     return F.one_hot(labels, num_classes).float().to(device)
 
 
-def signed_adam(objective, x0: torch.Tensor, extras0: tuple, *, steps: int, lr: float, batched: bool = True):
+def signed_adam(objective, x0: torch.Tensor, extras0: tuple, *, steps: int, lr: float, batched: bool = True, box_extras: bool = True):
     """Inverting Gradients' optimiser over R independent restarts: Adam on the sign of the gradient
     of the images (plain gradient for ``extras`` such as dropout masks), images and extras boxed to
-    [0, 1], lr x0.1 at 3/8, 5/8 and 7/8 of the steps.
+    [0, 1] (extras only when ``box_extras``; unknown weights are not), lr x0.1 at 3/8, 5/8 and 7/8 of the steps.
 
     ``objective(x (N, C, H, W), extras) -> scalar`` is one restart's loss. ``x0`` is (R, N, C, H, W)
     and each extra (R, ...). ``batched=True`` runs all restarts as one vmapped optimisation (Adam is
@@ -181,7 +181,7 @@ def signed_adam(objective, x0: torch.Tensor, extras0: tuple, *, steps: int, lr: 
     Returns (x (R, N, C, H, W), extras, final losses (R,)).
     """
     if not batched:
-        outs = [signed_adam(objective, x0[r : r + 1], tuple(e[r : r + 1] for e in extras0), steps=steps, lr=lr) for r in range(len(x0))]
+        outs = [signed_adam(objective, x0[r : r + 1], tuple(e[r : r + 1] for e in extras0), steps=steps, lr=lr, box_extras=box_extras) for r in range(len(x0))]
         x = torch.cat([o[0] for o in outs])
         extras = tuple(torch.cat([o[1][i] for o in outs]) for i in range(len(extras0)))
         return x, extras, torch.cat([o[2] for o in outs])
@@ -199,7 +199,7 @@ def signed_adam(objective, x0: torch.Tensor, extras0: tuple, *, steps: int, lr: 
         sched.step()
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
-            for e in extras:
+            for e in extras if box_extras else ():
                 e.clamp_(0.0, 1.0)
     with torch.no_grad():
         losses = vmap(objective)(x, extras)

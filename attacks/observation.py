@@ -84,8 +84,11 @@ class Observation:
             raise ObservationError(f"{attack}: needs a {setting!r} observation, got {t.setting!r}")
 
     # ---------------------------------------------------------------- files
+    kind = "weights"  # OBSERVATION_KINDS key; subclasses (e.g. HyperFL's) set their own
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["kind"] = self.kind
         d["input_shape"] = list(self.input_shape)
         d["model_hidden"] = list(self.model_hidden) if self.model_hidden is not None else None
         return d
@@ -99,10 +102,18 @@ class Observation:
     @classmethod
     def load(cls, path: str | Path) -> "Observation":
         d = torch.load(Path(path), weights_only=True)
+        cls = OBSERVATION_KINDS.get(d.pop("kind", "weights"), cls)
         d["training"] = KnownTraining(**d["training"])
         d["input_shape"] = tuple(d["input_shape"])
         d["model_hidden"] = tuple(d["model_hidden"]) if d.get("model_hidden") is not None else None
         return cls(**d)
+
+
+# Observation.kind -> class, so load() returns the subclass a file was saved from.
+OBSERVATION_KINDS: dict[str, type] = {"weights": Observation}
+# strategy.name -> fn(cfg, server_round, partition_id, model_name, sent Message, reply Message) -> Observation, for
+# strategies whose messages are not a model and its trained copy (e.g. HyperFL's hypernetwork); the recorder uses it.
+OBSERVATION_BUILDERS: dict = {}
 
 
 def observation_name(server_round: int, partition_id: int) -> str:

@@ -43,7 +43,12 @@ class ObservationRecorder:
     def observe(self, server_round: int, pid: int, model_name: str, msg, reply) -> Observation:
         from fedkd.data import load_federation
 
+        from .observation import OBSERVATION_BUILDERS
+
         cfg = self.cfg
+        builder = OBSERVATION_BUILDERS.get(cfg.strategy.name)
+        if builder is not None:
+            return builder(cfg, server_round, pid, model_name, msg, reply)
         fed = load_federation(cfg.data, cfg.run.seed)  # public shapes only: input shape, classes
         metrics = {k: float(v) for rec in reply.content.metric_records.values() for k, v in rec.items() if isinstance(v, (int, float))}
         conf = msg.content.config_records.get(keys.CONFIG)

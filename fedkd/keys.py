@@ -61,3 +61,11 @@ FEDLGD_LOCAL_DM = "fedlgd.local-dm"  # ConfigRecord (bool): run iterative DM wit
 STATE_FEDLGD_LOCAL = "fedlgd.local-virtual"  # Context.state ArrayRecord: the client's local virtual images, labels
 STATE_FEDLGD_GLOBAL = "fedlgd.global-virtual"  # Context.state ArrayRecord: the last global virtual data received
 STATE_FEDLGD_VERSION = "fedlgd.global-version"  # Context.state ConfigRecord: its version
+
+# Hypernetworks (HyperFL, pFedHN). The arrays travel under ARRAYS: HyperFL, the hypernetwork's state both ways;
+# pFedHN, the generated theta_i down and theta_new - theta_i up.
+STATE_HYPERFL = "fedkd.hyperfl.private"  # ArrayRecord in Context.state: embedding.weight and head.* (never sent)
+STATE_PFEDHN_HEAD = "fedkd.pfedhn.head"  # ArrayRecord in Context.state: pFedHN-PC's personal last layer (+ momentum/*)
+LOSS_HEAD = "loss_head"  # HyperFL reply MetricRecord: mean cross-entropy of the head-only stage
+HYPER_REJECTED = "hyper_rejected"  # server train metric: replies refused this round (wrong arrays or non-finite)
+PFEDHN_GRAD_NORM = "pfedhn_grad_norm"  # server train metric: mean pre-clip norm of the round's VJP gradients

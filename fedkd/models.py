@@ -10,6 +10,8 @@
   linear layer on the flattened features. ``forward`` returns logits like every fedkd model;
   ``embed(x)`` returns the flattened features (B, 128 * h * w) and ``embed_and_logits(x)`` both, which
   is what the authors' ``forward`` returns.
+- ``hyperfl-cnn``, ``pfedhn-cnn``: the target networks of HyperFL and pFedHN (``fedkd/hypernet.py``), usable by
+  any strategy (e.g. FedAvg on the same architecture as a hypernetwork run).
 
 Dropout (``model.dropout``) sits before each hidden linear layer's activation output.
 """
@@ -137,3 +139,6 @@ def init_uniform(model: nn.Module, bound: float = 0.5, seed: int | None = None) 
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+from fedkd import hypernet as _hypernet  # noqa: E402,F401  (registers "hyperfl-cnn" and "pfedhn-cnn")

@@ -111,13 +111,13 @@ def test_metrics():
 
 
 def test_attack_config_keys():
-    with pytest.raises(ConfigError, match="attack.name: unknown value 'nope'; valid: dia, dlg, idlg, ig"):
+    with pytest.raises(ConfigError, match="attack.name: unknown value 'nope'; valid: dia, dlg, hyperfl-dia, hyperfl-ig, hyperfl-rank1, idlg, ig"):
         small("attack.name=nope")
     with pytest.raises(ConfigError, match="attack.setting"):
         small("attack.setting=weights")
     with pytest.raises(ConfigError, match="attack.rounds: round 5 outside"):
         small("attack.rounds=[5]", "attack.clients=[0]")
-    assert not small().attack.active and sorted(ATTACKS.names()) == ["dia", "dlg", "idlg", "ig"]
+    assert not small().attack.active and sorted(ATTACKS.names()) == ["dia", "dlg", "hyperfl-dia", "hyperfl-ig", "hyperfl-rank1", "idlg", "ig"]
 
 
 def test_recorded_federation_is_attacked_end_to_end(tmp_path):

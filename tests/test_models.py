@@ -5,7 +5,7 @@ from fedkd.models import MODELS, build_model, init_uniform
 from fedkd.registry import UnknownNameError
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "convnet"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "convnet", "hyperfl-cnn", "pfedhn-cnn"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_models_map_images_to_logits(name, shape):
     m = build_model(name, shape, 10, dropout=0.25)
