@@ -40,6 +40,7 @@ Randomness. Subject sampling and the noise must come from entropy the adversary 
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Sequence
@@ -86,9 +87,14 @@ def step_rdp(sample_rate: float, noise_multiplier: float, orders=ORDERS) -> np.n
     """RDP (len(orders),) of one sampled-Gaussian step (Opacus' analysis); inf without noise."""
     if noise_multiplier <= 0:
         return np.full(len(orders), math.inf)
+    return np.array(_step_rdp(float(sample_rate), float(noise_multiplier), tuple(float(a) for a in orders)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]) -> tuple[float, ...]:
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)), float)
+    return tuple(np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)), float))
 
 
 def subject_rdp(silos: Sequence[SiloSchedule], rounds: int | Sequence[int], orders=ORDERS) -> np.ndarray:
