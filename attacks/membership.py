@@ -163,3 +163,13 @@ def calibrate_threshold(scores: np.ndarray, member: np.ndarray) -> float:
     bal = (tpr + tnr) / 2
     best = np.flatnonzero(np.isclose(bal, bal.max()))
     return float(cuts[best[len(best) // 2]])
+
+
+def balanced_in_mask(models: int, records: int, rng: np.random.Generator) -> np.ndarray:
+    """(models, records) bool: every record is IN exactly ``models // 2`` reference models, chosen at
+    random (LiRA's shadow design: every record has IN and OUT models to fit both Gaussians). The
+    adversary trains its reference models on these sets; it reveals nothing about the target."""
+    if models < 2:
+        raise MembershipError(f"need at least 2 reference models for IN and OUT sides (got {models})")
+    order = np.argsort(rng.random((models, records)), axis=0)  # a random permutation of the models per record
+    return order < models // 2

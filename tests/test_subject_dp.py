@@ -137,3 +137,10 @@ def test_audit_catches_subject_step_with_noise_scaled_down_100x():
         step = sdp.subject_dp_gradient(per_example, ids, clip=clip, noise_multiplier=sigma * scale, expected_subjects=m / 2, generator=sdp.private_generator())
         verdict = audit.compare_with_claim(audit.one_run_audit(step[0].numpy(), inc, delta), claim, unit=sdp.UNIT)
         assert verdict.ok is should_pass, verdict.message
+
+
+def test_summary_names_the_subject_as_the_unit():
+    s = sdp.SiloSchedule(0.2, 1.5, 5)
+    out = sdp.summary_fields([s, s], 4, 1e-5, clip=1.0, holders=[[0], [0, 1]])
+    assert out["privacy_unit"] == "subject" and out["epsilon"] == pytest.approx(sdp.subject_epsilon([s, s], 4, 1e-5))
+    assert sdp.summary_fields([sdp.SiloSchedule(0.2, 0.0, 5)], 4, 1e-5, clip=1.0)["epsilon"] is None  # no noise: no claim

@@ -214,3 +214,19 @@ def subject_dp_gradient(
         noise = torch.randn(c.shape[1:], generator=generator, device=generator.device).to(c) * (noise_multiplier * clip)
         out.append((c.sum(0) + noise) / expected_subjects)
     return out
+
+
+def summary_fields(schedules: Sequence[SiloSchedule], rounds: int | Sequence[int], delta: float, clip: float, holders: Sequence[Sequence[int]] | None = None) -> dict:
+    """summary.json fields of a subject-level DP run (what ``fedkd.privacy.report`` should add)."""
+    eps, per = federation_epsilon(schedules, rounds, delta, holders)
+    return {
+        "privacy_mechanism": "subject-dp",
+        "epsilon": eps if math.isfinite(eps) else None,
+        "delta": delta,
+        "privacy_unit": UNIT,
+        "privacy_neighbouring": NEIGHBOURING,
+        "privacy_guarantee": TRUST_MODEL + "; RDP of the subject-sampled Gaussian composed over local steps, rounds and the silos holding the subject (max over subjects)",
+        "clipping_norm": clip,
+        "noise_multiplier": max(s.noise_multiplier for s in schedules) if schedules else None,
+        "subjects_accounted": len(per) if holders is not None else "worst case (every silo holds the subject)",
+    }
