@@ -13,8 +13,9 @@ training records, and knows the membership of a handful of subjects. Two black-b
   distribution in (almost) every round it is trained on; a non-member's loss only moves with what
   it shares with the members.
 
-Calibration (our reading; the paper says the threshold comes from the subjects of known
-membership): :func:`fedkd.attacks.membership.calibrate_threshold`, the cut that maximises the
+We could read only the paper's abstract and the project's notes on it here (no public code exists):
+the two scores follow those descriptions. Calibration (our reading; the threshold comes from the
+subjects of known membership): :func:`fedkd.attacks.membership.calibrate_threshold`, the cut that maximises the
 balanced accuracy on the known subjects (midpoint between the two scores it separates). Every
 subject gets a score as well (higher = more likely member: minus the loss, or the count), so AUC
 and TPR at low FPR can be computed over all subjects without any threshold. Report the metrics on

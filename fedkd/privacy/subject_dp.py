@@ -2,7 +2,10 @@
 
 From Marathe, Kanani, Peterson, Steele, "Subject Granular Differential Privacy in Federated
 Learning" (arXiv 2206.03617), the HiGradAvgDP algorithm as we read it (their LocalGroupDP, item-level
-DP-SGD converted by group privacy, is not implemented). A subject's records may sit in several
+DP-SGD converted by group privacy, is not implemented). We could read only the paper's abstract and
+summaries of it here, not its algorithm boxes or proofs: the four steps below and the composition
+rule are our reading of "hierarchical gradient averaging" and "horizontal composition"; check them
+against the full text. A subject's records may sit in several
 silos (clients). Each silo trains locally with DP-SGD whose unit is the subject:
 
 1. per local step, sample the silo's subjects independently with probability q (Poisson);
@@ -10,7 +13,8 @@ silos (clients). Each silo trains locally with DP-SGD whose unit is the subject:
    step (hierarchical averaging: the number of records a subject has does not matter);
 3. clip each subject's gradient to L2 norm C;
 4. sum over the sampled subjects, add N(0, sigma^2 C^2 I), divide by the expected number of sampled
-   subjects q * S (a public constant: dividing by the realised count would leak it).
+   subjects q * S (not the realised count, which would leak it; like Opacus' expected batch size,
+   q and q * S come from the silo's subject count S, which the accounting treats as public).
 
 :func:`subject_dp_gradient` is that step on per-example gradients (the integrator wires it into the
 client's training loop; per-example gradients from Opacus' GradSampleModule or ``torch.func``).
