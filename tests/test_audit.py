@@ -137,3 +137,16 @@ def test_audit_catches_gaussian_mechanism_with_noise_scaled_down_100x():
         scores = inc + sigma * scale * rng.standard_normal(m)
         verdict = audit.compare_with_claim(audit.one_run_audit(scores, inc, delta), claim)
         assert verdict.ok is should_pass, verdict.message
+
+
+def test_clopper_pearson_vectorised_counts_match_a_loop():
+    rng = np.random.default_rng(6)
+    member = rng.random(300) < 0.4
+    scores = np.round(rng.normal(member * 1.0, 1.0), 1)  # ties on purpose
+    b = audit.clopper_pearson_audit(scores, member, delta=1e-3)
+    per = 0.05 / 2 / len(np.unique(scores))
+    best = max(
+        audit.eps_from_rates(audit.clopper_pearson_upper(c["fp"], int((~member).sum()), per), audit.clopper_pearson_upper(c["fn"], int(member.sum()), per), 1e-3)
+        for c in (audit.confusion(scores, member, t) for t in np.unique(scores))
+    )
+    assert b.epsilon == pytest.approx(best) and b.details == {**b.details, **audit.confusion(scores, member, b.details["threshold"])}

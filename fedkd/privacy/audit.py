@@ -94,16 +94,19 @@ def clopper_pearson_audit(scores, member, delta: float, confidence: float = CONF
     if s.shape != m.shape or not m.any() or m.all():
         raise ValueError("clopper-pearson audit needs scores of canaries in and out")
     alpha = 1 - confidence
-    thresholds = np.array([threshold]) if threshold is not None else np.unique(s)
+    thresholds = np.array([threshold], float) if threshold is not None else np.unique(s)
     per_rate = alpha / 2 / len(thresholds)
     n_pos, n_neg = int(m.sum()), int((~m).sum())
-    best, at = 0.0, None
-    for t in thresholds:
-        c = confusion(s, m, t)
-        e = eps_from_rates(clopper_pearson_upper(c["fp"], n_neg, per_rate), clopper_pearson_upper(c["fn"], n_pos, per_rate), delta)
-        if e > best or at is None:
-            best, at = max(best, e), {"threshold": float(t), **c}
-    return AuditBound("clopper-pearson", best, confidence, delta, {**(at or {}), "thresholds_tried": len(thresholds), "bonferroni": threshold is None})
+    # counts of "member when score >= t" at every threshold at once (sorted scores, binary search)
+    fn = np.searchsorted(np.sort(s[m]), thresholds, side="left")  # members below t
+    tn = np.searchsorted(np.sort(s[~m]), thresholds, side="left")
+    fp = n_neg - tn
+    fpr_hi = np.where(fp >= n_neg, 1.0, stats.beta.ppf(1 - per_rate, fp + 1, np.maximum(n_neg - fp, 1)))
+    fnr_hi = np.where(fn >= n_pos, 1.0, stats.beta.ppf(1 - per_rate, fn + 1, np.maximum(n_pos - fn, 1)))
+    eps = np.array([eps_from_rates(float(a), float(b), delta) for a, b in zip(fpr_hi, fnr_hi)])
+    i = int(np.argmax(eps))
+    at = {"threshold": float(thresholds[i]), "tp": int(n_pos - fn[i]), "fp": int(fp[i]), "tn": int(tn[i]), "fn": int(fn[i])}
+    return AuditBound("clopper-pearson", float(eps[i]), confidence, delta, {**at, "thresholds_tried": len(thresholds), "bonferroni": threshold is None})
 
 
 # ---------------------------------------------------------------- one run (Steinke, Nasr, Jagielski)
