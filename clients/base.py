@@ -37,9 +37,16 @@ class ClientEnv:
         return self.cfg.model.for_partition(self.partition_id)
 
     def seed(self, *salt: int) -> int:
-        """A seed that differs per run seed, round, client and ``salt`` and is stable across processes."""
+        """A PUBLIC seed that differs per run seed, round, client and ``salt`` and is stable across
+        processes: the server can compute it. Never use it for noise, sampling, shuffles or dropout."""
         key = ",".join(str(v) for v in (self.cfg.run.seed, self.server_round, self.partition_id, *salt))
         return zlib.crc32(key.encode())
+
+    def noise_seed(self, *salt: int) -> int | None:
+        """The seed of private randomness (noise, quantization draws, sampling, shuffles, dropout):
+        None = OS entropy (:mod:`fedkd.privacy.entropy`); the public :meth:`seed` only when the
+        experiment sets ``privacy.reproducible_noise`` (debugging; the run then has no guarantee)."""
+        return self.seed(*salt) if self.cfg.privacy.reproducible_noise else None
 
 
 # (msg, env) -> env, applied in order by client_env (e.g. the attacks' single-batch threat setting).

@@ -15,7 +15,7 @@ Sections and keys (defaults = the default experiment)::
     [train]      local_epochs, batch_size, lr, momentum, weight_decay
     [strategy]   name, fraction_train, fraction_evaluate, proximal_mu
     [privacy]    mechanism, noise_multiplier, target_epsilon, max_grad_norm, delta,
-                 clip, extend, levels, keep_prob (rqm), theta, trials (pbm)
+                 clip, extend, levels, keep_prob (rqm), theta, trials (pbm), reproducible_noise
     [simulation] backend ("fast" | "flower"), ray_address, num_actors
 
 Other modules add their own sections with :func:`register_section` (one frozen dataclass each,
@@ -233,6 +233,8 @@ class PrivacyConfig:
     # pbm (fedkd/privacy/pbm.py), shares clip
     theta: float = 0.25
     trials: int = 15
+    # debugging only: draw every mechanism's noise from run.seed (no guarantee; summary.json says so, epsilon null)
+    reproducible_noise: bool = False
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(
@@ -265,6 +267,15 @@ class PrivacyConfig:
                 (self.noise_multiplier is None) != (self.target_epsilon is None),
                 "privacy.noise_multiplier",
                 "gaussian needs exactly one of privacy.noise_multiplier and privacy.target_epsilon",
+            )
+        from fedkd.strategies import STRATEGIES
+
+        if cfg.strategy.name in STRATEGIES:
+            supported = STRATEGIES.get(cfg.strategy.name).mechanisms
+            _require(
+                self.mechanism in supported,
+                "privacy.mechanism",
+                f"{self.mechanism!r} is not supported by strategy {cfg.strategy.name!r} (supported: {', '.join(supported)})",
             )
         from fedkd.privacy.rqm import check_params
 

@@ -263,5 +263,5 @@ def build_feddf(cfg, fed: Federation) -> StrategySpec:
     return StrategySpec(strategy, pack(initial), evaluate_fn, client="feddf")
 
 
-STRATEGIES.add("feddf", StrategyEntry(build_feddf, heterogeneous=True,
+STRATEGIES.add("feddf", StrategyEntry(build_feddf, heterogeneous=True, mechanisms=("none", "dp-sgd"),
                                       description="FedDF: FedAvg per architecture + server ensemble distillation on unlabelled proxy data"))
