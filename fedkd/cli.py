@@ -77,7 +77,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: dict) -> None:
-    keys = ["status", "strategy", "dataset", "rounds", "accuracy", "loss", "personal_accuracy_mean", "personal_global_accuracy_mean", "wall_s", "rounds_wall_s", "bytes_up", "bytes_down", "privacy_mechanism", "epsilon", "delta", "run_dir"]
+    keys = ["status", "strategy", "dataset", "rounds", "accuracy", "loss", "personal_accuracy_mean", "personal_global_accuracy_mean", "wall_s", "rounds_wall_s", "bytes_up", "bytes_down", "privacy_mechanism", "epsilon", "delta", "privacy_unit", "privacy_relation", "privacy_trust_model", "privacy_guarantee", "privacy_noise_source", "privacy_outside_guarantee", "epsilon_hypothetical_secure_aggregation", "run_dir"]
     print("\nsummary")
     for k in keys:
         if k in summary:

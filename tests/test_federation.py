@@ -26,7 +26,7 @@ def check_run_dir(path, rounds=2):
 
 
 def test_fast_path_end_to_end_and_reproducible(tmp_path):
-    cfg = small("train.local_epochs=2")
+    cfg = small("train.local_epochs=2", "privacy.reproducible_noise=true")  # client randomness is private unless this debug switch is on
     a = run_experiment(cfg, tmp_path / "a", progress=False)
     b = run_experiment(cfg, tmp_path / "b", progress=False)
     summary, df = check_run_dir(tmp_path / "a")

@@ -56,8 +56,8 @@ def _figure(name, epsilon, delta, unit, relation, trust, hypothetical=False) -> 
 
 def privacy_summary(cfg, recorder) -> dict:
     p = cfg.privacy
-    if p.mechanism == "none":
-        return {}
+    if p.mechanism == "none":  # no guarantee; say only where the clients' shuffles and dropout masks came from
+        return {"privacy_noise_source": "run.seed (reproducible_noise)" if p.reproducible_noise else "os-entropy"}
     out: dict = {"privacy_mechanism": p.mechanism, "delta": p.delta}
     unit = relation = trust = None
     eps = None
