@@ -82,7 +82,7 @@ def print_summary(summary: dict) -> None:
     for k in keys:
         if k in summary:
             v = summary[k]
-            print(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
+            print(f"  {k:<18} {v:.4g}" if isinstance(v, float) and 0 < abs(v) < 1e-3 else f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
     if summary.get("failures"):
         print(f"  failures           {json.dumps(summary['failures'][:3])}")
 

@@ -86,3 +86,19 @@ def test_refusal_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys):
     code = main(["run", "--set", "strategy.name=fd", "--set", "privacy.mechanism=rqm", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "privacy.mechanism" in err and not out.exists()
+
+
+def test_fedprox_with_dp_sgd_uses_mu_end_to_end():
+    """On main mu=100 and mu=0 gave bit-identical weights under dp-sgd. Same (reproducible) noise here,
+    so any difference comes from mu."""
+    out = {}
+    for mu in (0.0, 100.0):
+        cfg = small("strategy.name=fedprox", f"strategy.proximal_mu={mu}", "privacy.mechanism=dp-sgd", "privacy.noise_multiplier=1.0",
+                    "privacy.reproducible_noise=true", *TINY)
+        threads = torch.get_num_threads()
+        try:
+            res = run_server(InlineGrid(2), cfg, RunRecorder(None), progress=False, echo=lambda s: None)
+        finally:
+            torch.set_num_threads(threads)
+        out[mu] = torch.cat([torch.as_tensor(a.numpy()).flatten() for a in res.arrays.values()])
+    assert not torch.allclose(out[0.0], out[100.0])
