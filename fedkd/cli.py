@@ -2,6 +2,7 @@
 
     fedkd run [CONFIG] [--set section.key=value ...] [--out DIR]
     fedkd report RUN_DIR
+    fedkd sweep [CONFIG] --grid section.key=v1,v2 [--set ...] [--out DIR]   (fedkd/sweep.py)
 
 Bad configuration ends with one line on stderr naming the key, exit code 2, and no run directory.
 Other subcommands (privacy, attack, deploy) register themselves through ``COMMANDS``.
@@ -102,7 +103,7 @@ def _load_commands() -> None:
     """Subcommands defined by other packages register on import."""
     import importlib
 
-    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli"):
+    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli", "fedkd.sweep"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -293,6 +293,7 @@ class SimulationConfig:
     backend: str = "fast"
     ray_address: str = ""
     num_actors: int = 0  # 0 = one per CPU (at most one per client)
+    gpus_per_actor: float = 0.0  # with run.device = "cuda": GPU share each actor asks Ray for (0 = the GPUs split evenly)
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(
@@ -301,6 +302,7 @@ class SimulationConfig:
             _one_of(self.backend, list(SIMULATION_BACKENDS)),
         )
         _require(self.num_actors >= 0, "simulation.num_actors", f"must be >= 0 (got {self.num_actors})")
+        _require(0 <= self.gpus_per_actor < float("inf"), "simulation.gpus_per_actor", f"must be a finite number >= 0 (got {self.gpus_per_actor})")
 
 
 # Section name -> dataclass. Extended by register_section().

@@ -17,3 +17,12 @@ def small(*overrides: str):
 @pytest.fixture
 def small_cfg():
     return small
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ray_session():
+    """Every fast-path experiment of the test run shares one Ray start and its warm actors."""
+    from fedkd.simulation import Session
+
+    with Session() as session:
+        yield session
