@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         x_floor = s / floor if floor else float("nan")
         x_fc = s / (floor + compute) if floor else float("nan")
         acc = r.get("accuracy")
-        print(f"{name:<8} {s:>8.2f} {r['round_s'][0]:>8.2f} {r['wall_s']:>9.1f} {x_floor:>8.2f} {x_fc:>17.2f} {acc if acc is None else f'{acc:.4f}':>8}")
+        acc_s = "-" if acc is None else f"{acc:.4f}"
+        print(f"{name:<8} {s:>8.2f} {r['round_s'][0]:>8.2f} {r['wall_s']:>9.1f} {x_floor:>8.2f} {x_fc:>17.2f} {acc_s:>8}")
         rows.append({"phase": name, "nodes": args.nodes, "rounds": args.rounds, "s_per_round": s, "round1_s": r["round_s"][0],
                      "command_s": r["wall_s"], "compute_s": compute, "x_floor": x_floor, "x_floor_plus_compute": x_fc,
                      "accuracy": acc})  # fmt: skip
