@@ -115,23 +115,24 @@ def _server_main(grid: Grid, context: Context) -> None:
     out = context.run_config.get("out")
     recorder = RunRecorder(new_run_dir(cfg, str(out) if out else None))
     print(f"fedkd: run directory {recorder.out_dir}", flush=True)
-    spec, exchanges = None, 2 if cfg.strategy.fraction_evaluate > 0 else 1
-    if runtime == "deployment":
-        grid = PollingGrid(grid, cfg.deploy.pull_interval)  # Flower's deployed Grid pulls replies every 3 s
-    if cfg.deploy.one_exchange != "off":
-        from fedkd.data import load_federation
-        from fedkd.server import seed_everything
-
-        seed_everything(cfg.run.seed)  # as run_server does before it builds the strategy
-        spec = build_strategy(cfg, load_federation(cfg.data, cfg.run.seed))
-        ok, why = allowed(cfg, spec.client)
-        if ok:
-            record = lambda rnd, who, metrics: recorder.add_many(rnd, who, "test", metrics)  # noqa: E731
-            spec.strategy, exchanges = OneExchange(spec.strategy, cfg.run.rounds, record), 1
-        elif cfg.deploy.one_exchange == "on":
-            raise SystemExit(f"fedkd: deploy.one_exchange: 'on' is not valid here: {why}")
-    print(f"fedkd: {exchanges} exchange(s) per round" + (" (and one evaluate exchange after the last)" if exchanges == 1 and cfg.strategy.fraction_evaluate > 0 else ""), flush=True)
+    exchanges = 2 if cfg.strategy.fraction_evaluate > 0 else 1
     try:
+        spec = None
+        if runtime == "deployment":
+            grid = PollingGrid(grid, cfg.deploy.pull_interval)  # Flower's deployed Grid pulls replies every 3 s
+        if cfg.deploy.one_exchange != "off":
+            from fedkd.data import load_federation
+            from fedkd.server import seed_everything
+
+            seed_everything(cfg.run.seed)  # as run_server does before it builds the strategy
+            spec = build_strategy(cfg, load_federation(cfg.data, cfg.run.seed))
+            ok, why = allowed(cfg, spec.client)
+            if ok:
+                record = lambda rnd, who, metrics: recorder.add_many(rnd, who, "test", metrics)  # noqa: E731
+                spec.strategy, exchanges = OneExchange(spec.strategy, cfg.run.rounds, record), 1
+            elif cfg.deploy.one_exchange == "on":
+                raise SystemExit(f"fedkd: deploy.one_exchange: 'on' is not valid here: {why}")
+        print(f"fedkd: {exchanges} exchange(s) per round" + (" (and one evaluate exchange after the last)" if exchanges == 1 and cfg.strategy.fraction_evaluate > 0 else ""), flush=True)
         run_server(grid, cfg, recorder, spec=spec, progress=False, echo=lambda s: print(s, flush=True))
     except BaseException as e:
         failed = summarize(cfg, recorder, t0, status="failed", error=f"{type(e).__name__}: {e}")
