@@ -11,7 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedkd import keys
 from fedkd.config import ExperimentConfig, config_from_json
-from fedkd.data import ClientData, Federation, load_federation
+from fedkd.data import ClientData, Federation
+from fedkd.deploy.cache import node_federation
 from fedkd.training import resolve_device
 
 
@@ -57,7 +58,7 @@ def client_env(msg: Message, context: Context) -> ClientEnv:
     conf = msg.content[keys.CONFIG]
     cfg = _config(str(conf[keys.EXPERIMENT]))
     pid = int(context.node_config[keys.NODE_PARTITION_ID])
-    fed = load_federation(cfg.data, cfg.run.seed)
+    fed = node_federation(cfg.data, cfg.run.seed)  # load_federation, through the node's cache in a deployment
     if not 0 <= pid < fed.num_clients:
         raise ValueError(f"partition-id {pid} outside the federation's {fed.num_clients} partitions")
     env = ClientEnv(cfg, pid, int(conf.get(keys.SERVER_ROUND, 0)), fed, resolve_device(cfg.run.device))

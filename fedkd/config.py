@@ -424,6 +424,7 @@ def load_plugins() -> None:
     import fedkd.attacks  # noqa: F401
     import fedkd.clients  # noqa: F401
     import fedkd.strategies  # noqa: F401
+    import fedkd.deploy.settings  # noqa: F401  ([deploy])
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:

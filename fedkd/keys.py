@@ -5,12 +5,14 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NODE = "fedkd.node"  # ConfigRecord in replies: who answered (partition id, model name)
+RECEIVED_EVALUATION = "fedkd.received-evaluation"  # ConfigRecord in train replies: evaluate metrics of the received model
 
 # Keys inside the ConfigRecord sent to clients.
 EXPERIMENT = "fedkd.experiment"  # the resolved experiment config as JSON
 CLIENT_LOGIC = "fedkd.client"  # name in fedkd.clients.CLIENTS; "weights" when absent
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+EVALUATE_RECEIVED = "fedkd.evaluate-received"  # bool: evaluate the received model before training it (one-exchange rounds)
 
 # Keys inside reply MetricRecords.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key

@@ -8,6 +8,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from fedkd.config import load_config  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real deployment that waits on Flower's timers (deselect with -m 'not slow')")
+
+
 def small(*overrides: str):
     """A tiny digits federation: 4 clients, 2 rounds, 1 local epoch."""
     base = ["data.num_clients=4", "run.rounds=2", "train.local_epochs=1", "data.min_partition_size=5"]
