@@ -84,6 +84,7 @@ from .fedavg import sampling
 STATS_BYTES = "fedlgd_stats_bytes_up"  # server metric (round 1): bytes of class statistics received
 STATS_CLIENTS = "fedlgd_stats_clients"  # server metric (round 1): clients whose statistics were used
 DISCLOSURE = "class_channel_statistics"  # name of the disclosure in summary.json
+CONVNETS = ("convnet", "convnet-w32")  # model.name values FedLGD runs with: the paper's ConvNet, and the same at width 32 (reduced settings)
 
 
 @register_section("fedlgd")
@@ -128,8 +129,8 @@ class FedLGDConfig:
         except ValueError as e:
             raise ConfigError("fedlgd.dsa_strategy", str(e)) from None
         if cfg.strategy.name == "fedlgd":
-            bad = [n for n in cfg.model.name if n != "convnet"]
-            _require(not bad, "model.name", f"fedlgd needs the paper's ConvNet, whose embedding it matches (model.name = \"convnet\"; got {list(cfg.model.name)})")
+            bad = [n for n in cfg.model.name if n not in CONVNETS] or len(set(cfg.model.name)) > 1
+            _require(not bad, "model.name", f"fedlgd needs one ConvNet for all clients, whose embedding it matches ({' or '.join(CONVNETS)}; got {list(cfg.model.name)})")
             _require(
                 cfg.privacy.mechanism == "none",
                 "privacy.mechanism",

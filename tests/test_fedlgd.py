@@ -121,7 +121,7 @@ def stats_bytes(fed) -> int:
 
 def fedlgd_cfg(*more):
     return load_config(None, [
-        "strategy.name=fedlgd", "model.name=convnet", "data.dataset=digits-domains", "data.partitioner=domain",
+        "strategy.name=fedlgd", "model.name=convnet-w32", "data.dataset=digits-domains", "data.partitioner=domain",
         "data.num_clients=3", 'data.domains=["gray", "inverted", "colored"]', "data.max_samples=600", "run.rounds=3", "strategy.fraction_evaluate=0",
         "train.lr=0.01", "fedlgd.si_tgap=2", "fedlgd.ci_tgap=2", "fedlgd.server_ipc=1", "fedlgd.gm_iterations=10", *more,
     ])

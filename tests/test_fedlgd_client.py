@@ -18,7 +18,7 @@ from fedkd.models import model_from_config
 from fedkd.strategies.fedlgd import DISCLOSURE, global_record
 
 TINY = [
-    "strategy.name=fedlgd", "model.name=convnet", "data.dataset=digits-domains", "data.partitioner=domain", "data.num_clients=3",
+    "strategy.name=fedlgd", "model.name=convnet-w32", "data.dataset=digits-domains", "data.partitioner=domain", "data.num_clients=3",
     'data.domains=["gray", "inverted", "colored"]', "data.max_samples=450", "run.rounds=2", "train.local_epochs=1", "train.lr=0.01",
     "strategy.fraction_evaluate=0", "fedlgd.ipc=2", "fedlgd.server_ipc=1", "fedlgd.warmup_iterations=2", "fedlgd.dm_iterations=2",
     "fedlgd.gm_iterations=3", "fedlgd.real_batch=8", "fedlgd.si_tgap=1", "fedlgd.ci_tgap=1", "simulation.num_actors=1",
@@ -97,6 +97,9 @@ def test_client_keeps_its_virtual_data_sends_weights_only_and_draws_from_os_entr
     client.train(train_message(cfg, fed, 3, 0, with_global=False, local_dm=True), ctx, env(3))
     assert not np.array_equal(ctx.state[keys.STATE_FEDLGD_LOCAL]["images"].numpy(), before)
     assert (tmp_path / "virtual" / "client0-round0003.png").is_file() and not (tmp_path / "virtual" / "client0-round0002.png").exists()
+    # evaluation: the received model on the own test split, normalised as in training
+    ev = client.evaluate(train_message(cfg, fed, 3, 0, with_global=False), ctx, env(3)).content[keys.METRICS]
+    assert ev[keys.NUM_EXAMPLES] == len(fed.clients[0].test) and 0 <= ev[keys.ACCURACY] <= 1
     # a version it does not hold fails the round (the server then sends the data again)
     with pytest.raises(ValueError, match="version 0, the round needs 1"):
         client.train(train_message(cfg, fed, 4, 1, with_global=False), ctx, env(4))
@@ -107,6 +110,16 @@ def test_client_keeps_its_virtual_data_sends_weights_only_and_draws_from_os_entr
     ctx3 = Context(run_id=1, node_id=9, node_config={keys.NODE_PARTITION_ID: 0}, state=RecordDict(), run_config={})
     client.train(train_message(cfg, fed, 1, 0, with_global=True, refresh=True), ctx3, env(1))
     assert not np.allclose(ctx2.state[keys.STATE_FEDLGD_LOCAL]["images"].numpy(), ctx3.state[keys.STATE_FEDLGD_LOCAL]["images"].numpy())
+
+
+def test_fedlgd_runs_the_convnet_only():
+    from fedkd.models import build_model
+
+    assert build_model("convnet-w32", (3, 28, 28), 10).embedding_dim == 32 * 3 * 3  # the reduced-width ConvNet
+    for bad in ("model.name=cnn", 'model.name=["convnet", "convnet-w32"]'):
+        with pytest.raises(ConfigError) as e:
+            tiny(bad)
+        assert e.value.key == "model.name"
 
 
 def test_fedlgd_refuses_every_privacy_mechanism(capsys):
