@@ -63,6 +63,7 @@ FEDLGD_LOCAL_DM = "fedlgd.local-dm"  # ConfigRecord (bool): run iterative DM wit
 STATE_FEDLGD_LOCAL = "fedlgd.local-virtual"  # Context.state ArrayRecord: the client's local virtual images, labels
 STATE_FEDLGD_GLOBAL = "fedlgd.global-virtual"  # Context.state ArrayRecord: the last global virtual data received
 STATE_FEDLGD_VERSION = "fedlgd.global-version"  # Context.state ConfigRecord: its version
+FEDLGD_RUN_DIR = "fedlgd.run-dir"  # ConfigRecord (str): the server's run directory (absolute), where clients that share its filesystem write their grids
 
 # Hypernetworks (HyperFL, pFedHN). The arrays travel under ARRAYS: HyperFL, the hypernetwork's state both ways;
 # pFedHN, the generated theta_i down and theta_new - theta_i up.

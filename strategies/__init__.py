@@ -28,7 +28,7 @@ def build_strategy(cfg, fed) -> StrategySpec:
 from . import fedavg  # noqa: E402,F401  (registers "fedavg", "fedprox")
 from . import local, fd, fedmd  # noqa: E402,F401  (registers "local", "fd", "fedmd")
 from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
-from . import fedlgd  # noqa: E402,F401  ([fedlgd] section and hooks; "fedlgd" is registered once its client exists)
+from . import fedlgd  # noqa: E402,F401  (registers "fedlgd"; [fedlgd] section and hooks)
 from . import hyperfl, pfedhn  # noqa: E402,F401  (the [hyperfl] and [pfedhn] sections; strategies registered with their clients)
 
 from . import rqm  # noqa: E402,F401  (PRIVACY_WRAPPERS["rqm"], summary fields of DP runs)
