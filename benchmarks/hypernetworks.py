@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ig-datasets", default="digits")
     ap.add_argument("--no-ig", action="store_true")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the CSV names (e.g. one per dataset when run in parallel)")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.datasets, a.ig_images, a.ig_steps, a.ig_datasets = 2, "digits", "0", 30, "digits"
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if a.quick else ""
+    suffix = "-quick" if a.quick else (f"-{a.tag}" if a.tag else "")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ds in datasets:
