@@ -92,7 +92,7 @@ def part_subject(args) -> None:
 
 RECORD_BASE = [
     "data.dataset=digits", "data.partitioner=iid", "data.num_clients=4", "data.server_test_fraction=0.5", "data.client_test_fraction=0",
-    "model.hidden=[128, 128]", "run.rounds=10", "train.local_epochs=3", "train.batch_size=16", "strategy.fraction_evaluate=0",
+    "model.hidden=[128, 128]", "run.rounds=6", "train.local_epochs=3", "train.batch_size=16", "strategy.fraction_evaluate=0",
 ]
 
 
