@@ -109,3 +109,19 @@ def test_audit_cli_exit_codes(tmp_path, capsys):
     assert main(["audit", "--set", "privacy.mechanism=dp-sgd", "--set", "privacy.noise_multiplier=1.0", "--set", "audit.kind=subject"]) == 2
     code = main(["audit", *sum((["--set", s] for s in SUBJECTS + ["run.rounds=2", "audit.canaries=20", "model.hidden=[16]"]), []), "--out", str(tmp_path / "a")])
     assert code == 0 and "no finite record-level claim" in capsys.readouterr().out  # no mechanism: bounds only
+
+
+def test_record_mia_with_reference_federations(tmp_path):
+    """Target and reference federations are real fedkd runs; each trains on its own half of the candidates."""
+    from fedkd.attacks.shadow_federations import run_record_mia
+
+    cfg = load_config(None, [
+        "data.dataset=digits", "data.partitioner=iid", "data.num_clients=2", "data.server_test_fraction=0.5", "data.client_test_fraction=0",
+        "data.max_samples=600", "model.hidden=[128]", "run.rounds=3", "train.local_epochs=10", "strategy.fraction_evaluate=0",
+    ])
+    res = run_record_mia(cfg, candidates=150, references=2, out_dir=tmp_path, parallel=False, seed=0)
+    rows = {r["attack"]: r for r in res.rows}
+    assert set(rows) == {"loss", "lira-online", "lira-offline", "rmia-online"} and len(res.summaries) == 3
+    loss = -res.scores["loss"]
+    assert np.median(loss[res.truth]) < np.median(loss[~res.truth])  # the target did train on its half (members fit better)
+    assert rows["lira-online"]["members"] == int(res.truth.sum()) and rows["loss"]["references"] == 2
