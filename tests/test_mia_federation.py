@@ -109,6 +109,12 @@ def test_audit_cli_exit_codes(tmp_path, capsys):
     assert main(["audit", "--set", "privacy.mechanism=dp-sgd", "--set", "privacy.noise_multiplier=1.0", "--set", "audit.kind=subject"]) == 2
     code = main(["audit", *sum((["--set", s] for s in SUBJECTS + ["run.rounds=2", "audit.canaries=20", "model.hidden=[16]"]), []), "--out", str(tmp_path / "a")])
     assert code == 0 and "no finite record-level claim" in capsys.readouterr().out  # no mechanism: bounds only
+    run_dir = tmp_path / "run"  # a run directory: its config.toml is the experiment audited
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(load_config(None, SUBJECTS + ["run.rounds=2", "audit.canaries=20", "model.hidden=[16]"]).to_toml())
+    assert main(["audit", str(run_dir), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "audit.json").read_text())["canaries"] == 20
+    assert main(["audit", str(tmp_path / "a")]) == 2  # a directory without config.toml
 
 
 def test_record_mia_with_reference_federations(tmp_path):
