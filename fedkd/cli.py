@@ -103,7 +103,7 @@ def _load_commands() -> None:
     """Subcommands defined by other packages register on import."""
     import importlib
 
-    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli", "fedkd.sweep"):
+    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli", "fedkd.sweep", "fedkd.privacy.audit_cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -8,7 +8,7 @@ Sections and keys (defaults = the default experiment)::
     [run]        name, seed, rounds, device ("auto" | "cpu" | "cuda" | "cuda:N"), out_dir
     [data]       dataset, data_dir, num_clients, partitioner, alpha, classes_per_client,
                  min_partition_size, client_test_fraction, server_test_fraction, max_samples,
-                 num_subjects, records_per_subject, subjects_per_client, subject_separation,
+                 num_subjects, records_per_subject, subjects_per_client, clients_per_subject, subject_separation,
                  domains, domain_alpha (feature-shift domains)
     [model]      name (a name or a list of names, assigned by partition id modulo its length),
                  hidden, dropout
@@ -77,6 +77,7 @@ class DataConfig:
     num_subjects: int = 40
     records_per_subject: int = 60
     subjects_per_client: int = 4
+    clients_per_subject: int = 2  # each member subject's records are spread over this many clients
     subject_separation: float = 1.0
     # feature-shift domains (digits-domains, mnist-domains; fedkd/data/domains.py)
     domains: tuple[str, ...] = ("gray", "inverted", "rotated", "noisy", "blurred", "colored")
@@ -112,7 +113,7 @@ class DataConfig:
             v = getattr(self, key)
             _require(0.0 <= v < 1.0, f"data.{key}", f"must be in [0, 1) (got {v})")
         _require(self.max_samples >= 0, "data.max_samples", f"must be >= 0 (got {self.max_samples})")
-        for key in ("num_subjects", "records_per_subject", "subjects_per_client"):
+        for key in ("num_subjects", "records_per_subject", "subjects_per_client", "clients_per_subject"):
             v = getattr(self, key)
             _require(v >= 1, f"data.{key}", f"must be >= 1 (got {v})")
         _require(
@@ -120,6 +121,12 @@ class DataConfig:
             "data.subject_separation",
             f"must be >= 0 (got {self.subject_separation})",
         )
+        if self.dataset == "synthetic-subjects":
+            from fedkd.data.synthetic import check_shape
+
+            problem = check_shape(self.num_subjects, self.num_clients, self.subjects_per_client, self.clients_per_subject)
+            if problem is not None:
+                raise ConfigError(*problem)
         _require(len(self.domains) >= 1, "data.domains", f"must name at least one domain; valid: {', '.join(DOMAINS)}")
         for d in self.domains:
             _require(d in DOMAINS, "data.domains", _one_of(d, list(DOMAINS)))
@@ -215,7 +222,7 @@ class StrategyConfig:
         _require(self.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {self.proximal_mu})")
 
 
-PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian", "pbm")
+PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian", "pbm", "subject-dp")
 
 
 @dataclass(frozen=True)

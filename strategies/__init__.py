@@ -35,3 +35,4 @@ from . import rqm  # noqa: E402,F401  (PRIVACY_WRAPPERS["rqm"], summary fields o
 from . import dp_fedavg  # noqa: E402,F401  (PRIVACY_WRAPPERS["gaussian"])
 
 __all__ = ["PRIVACY_WRAPPERS", "STRATEGIES", "build_strategy", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
+from fedkd.privacy import subject_dp_mechanism  # noqa: E402,F401  (PRIVACY_WRAPPERS["subject-dp"], its client, [subject_dp] and [audit])
