@@ -14,18 +14,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedkd.clients.attacked import attacked_batch
-from fedkd.data import load_federation
-from fedkd.training import resolve_device
+# strategy name -> fn(cfg) -> Federation: the data its clients train on when that is not
+# ``load_federation(cfg.data, seed)`` (FedDF holds its proxy pool out), to recompute the attacked images.
+CLIENT_FEDERATIONS: dict = {}
+# (defined before the fedkd imports below: strategies/feddf.py registers here while they load)
 
-from . import ATTACKS
-from .metrics import score
-from .observation import Observation, load_observations
+from fedkd.clients.attacked import attacked_batch  # noqa: E402
+from fedkd.data import load_federation  # noqa: E402
+from fedkd.training import resolve_device  # noqa: E402
+
+from . import ATTACKS  # noqa: E402
+from .metrics import score  # noqa: E402
+from .observation import Observation, load_observations  # noqa: E402
+
+
+def client_federation(cfg):
+    fn = CLIENT_FEDERATIONS.get(cfg.strategy.name)
+    return fn(cfg) if fn is not None else load_federation(cfg.data, cfg.run.seed)
 
 
 def attack_observations(observations: list[Observation], cfg, *, device=None, echo=print) -> tuple[dict, list]:
     """Run ``cfg.attack.name`` on each observation and score it. Returns (result dict, image rows)."""
-    fed = load_federation(cfg.data, cfg.run.seed)
+    fed = client_federation(cfg)
     mean_image = fed.server_test.x.mean(0)  # (C, H, W): the baseline "reconstruction"
     device = resolve_device(cfg.run.device) if device is None else device
     entry = ATTACKS.get(cfg.attack.name)
