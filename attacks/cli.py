@@ -78,7 +78,7 @@ def _attack(args: argparse.Namespace) -> int:
         result = attack_run_dir(summary["run_dir"], cfg)
     print(
         f"\n{result['attack']} vs {result['defence']}: psnr {result['psnr']:.2f} dB (baselines: mean image {result['baseline_psnr']:.2f}, "
-        f"class mean {result['class_baseline_psnr']:.2f}), "
+        f"class mean {result['class_baseline_psnr']:.2f}), strength {result['strength']}, "
         f"ssim {result['ssim']:.3f}, label acc {result['label_acc']:.2f}, {result['wall_s']:.1f} s\n"
         f"wrote {Path(result['run_dir']) / 'attack.json' if not args.out or not target.is_dir() else Path(args.out) / 'attack.json'} and {result['png']}"
     )

@@ -60,6 +60,7 @@ def attack_observations(observations: list[Observation], cfg, *, device=None, ec
         "dataset": cfg.data.dataset,
         "model": first.model_name,
         "batch_size": first.training.num_examples,
+        "strength": strength(entry, params),
         "batch_order": ORDER_NOTE[cfg.attack.order] if first.training.setting == "update" else "n/a (one step)",
         "psnr": float(np.mean([i["psnr"] for i in imgs])),
         "ssim": float(np.mean([i["ssim"] for i in imgs])),
@@ -73,6 +74,13 @@ def attack_observations(observations: list[Observation], cfg, *, device=None, ec
         "observations": per_obs,
     }
     return result, rows
+
+
+def strength(entry, params) -> str:
+    """"full" when the attack runs its default (paper) step count and restarts, else "weakened (...)"."""
+    full = entry.params()
+    weak = [f"{k} {getattr(params, k)} < {getattr(full, k)}" for k in ("steps", "restarts") if hasattr(full, k) and getattr(params, k) < getattr(full, k)]
+    return "full" if not weak else "weakened (" + ", ".join(weak) + ")"
 
 
 ORDER_NOTE = {

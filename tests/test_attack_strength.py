@@ -76,3 +76,11 @@ def test_tuned_defaults_and_explicit_overrides():
     assert ATTACKS.get("ig").params_for(small("attack.name=ig", "attack.tv=0.5").attack, "digits").tv == 0.5
     with pytest.raises(ConfigError, match=r"^attack\.order: unknown value"):
         small("attack.order=sometimes")
+
+
+def test_attack_results_say_when_the_attack_was_weakened():
+    from fedkd.attacks.runner import strength
+
+    entry = ATTACKS.get("ig")
+    assert strength(entry, entry.params_for(small("attack.name=ig").attack, "digits")) == "full"
+    assert strength(entry, entry.params_for(small("attack.name=ig", "attack.steps=100").attack)) == "weakened (steps 100 < 4800)"
