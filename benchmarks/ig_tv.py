@@ -1,7 +1,7 @@
 """Tune IG's total-variation weight for a dataset at full strength (4800 steps, 4 restarts).
 
 One one-round federation (4 IID clients, sigmoid LeNet, in-process grid) records client 0's gradient on
-``--batch`` images; IG runs on that observation once per TV weight. Appends rows (dataset, tv, client,
+``--batch`` images; IG runs on that observation once per TV weight. Appends rows (dataset, batch, tv, client,
 psnr, ssim, baseline_psnr, attack_s) to ``--out``. The weight with the best PSNR goes into
 ``attacks/ig.py`` ``TUNED_TV`` (attacks/README.md "Attack strength").
 
@@ -57,14 +57,14 @@ def main(argv=None) -> int:
     with out.open("a", newline="") as fh:
         w = csv.writer(fh)
         if new:
-            w.writerow(["dataset", "tv", "client", "psnr", "ssim", "baseline_psnr", "attack_s"])
+            w.writerow(["dataset", "batch", "tv", "client", "psnr", "ssim", "baseline_psnr", "attack_s"])
         for tv in args.tv:
             for obs in load_observations(run_dir):
                 t0 = time.perf_counter()
                 rec = ig(obs, IGParams(steps=4800, restarts=4, tv=tv), seed=0)
                 true = attacked_batch(cfg, fed, obs.server_round, obs.partition_id)
                 sc = score(rec.images.numpy(), rec.labels.numpy(), true.x, true.y, mean)
-                row = [args.dataset, tv, obs.partition_id, round(sc["psnr"], 2), round(sc["ssim"], 3), round(sc["baseline_psnr"], 2), round(time.perf_counter() - t0, 1)]
+                row = [args.dataset, args.batch, tv, obs.partition_id, round(sc["psnr"], 2), round(sc["ssim"], 3), round(sc["baseline_psnr"], 2), round(time.perf_counter() - t0, 1)]
                 w.writerow(row)
                 fh.flush()
                 print(row, flush=True)

@@ -68,6 +68,7 @@ def cell_config(dataset, model, batch, setting, defence, out_root, clients=(0,))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="WEAKENED attacks for a smoke run (L-BFGS 10 iterations, IG/DIA 100 steps, 2 restarts)")
+    ap.add_argument("--steps", type=int, default=0, help="IG/DIA steps (0 = the paper's 4800); fewer = WEAKENED, and the rows say so")
     ap.add_argument("--attacks", nargs="+", default=None, help="only these attacks (default: every attack that fits the defence)")
     ap.add_argument("--orders", nargs="+", default=["unknown", "known"], help="update setting: the client's batch order unknown to the attack, and/or known (oracle)")
     ap.add_argument("--datasets", nargs="+", default=["digits", "mnist"])
@@ -92,12 +93,12 @@ def main(argv=None) -> int:
     datasets = [d for d in args.datasets if d != "mnist" or MNIST_DIR.is_dir()]
     if "mnist" in args.datasets and "mnist" not in datasets:
         print(f"skipping mnist: {MNIST_DIR} not found", file=sys.stderr)
-    steps = {"dlg": 10, "idlg": 10, "ig": 100, "dia": 100} if args.quick else {}
+    steps = {"dlg": 10, "idlg": 10, "ig": 100, "dia": 100} if args.quick else {"ig": args.steps, "dia": args.steps}
     restarts = 2 if args.quick else 0
     runs = out / "runs"
     rows = []
     csv_path = out / "inversion.csv"
-    strength = "weakened" if args.quick else "full"
+    strength = "weakened" if args.quick or 0 < args.steps < 4800 else "full"
     fields = ["dataset", "model", "batch", "setting", "order", "defence", "attack", "psnr", "ssim", "label_acc", "baseline_psnr", "class_baseline_psnr",
               "baseline_ssim", "class_baseline_ssim", "attack_s", "strength", "steps", "restarts", "tv", "observations", "png"]
     if not args.skip_table:
