@@ -20,10 +20,13 @@ class AttackEntry:
     run: Callable  # (obs, params, device, seed) -> Reconstruction
     params: type  # frozen dataclass of hyperparameters with the paper's defaults
     description: str = ""
+    tuned: dict | None = None  # dataset name -> {parameter: value} measured for that dataset (README: attack strength)
 
-    def params_for(self, attack_cfg) -> object:
-        """The defaults with ``attack.steps`` / ``attack.restarts`` (when > 0) and ``attack.tv`` (when set and the attack has one)."""
-        over = {k: getattr(attack_cfg, k) for k in ("steps", "restarts") if getattr(attack_cfg, k, 0)}
+    def params_for(self, attack_cfg, dataset: str = "") -> object:
+        """The defaults (with the values tuned for ``dataset``, if any), then ``attack.steps`` / ``attack.restarts``
+        (when > 0) and ``attack.tv`` (when set and the attack has one)."""
+        over = dict((self.tuned or {}).get(dataset, {}))
+        over.update({k: getattr(attack_cfg, k) for k in ("steps", "restarts") if getattr(attack_cfg, k, 0)})
         names = {f.name for f in dataclasses.fields(self.params)}
         if getattr(attack_cfg, "tv", None) is not None and "tv" in names:
             over["tv"] = attack_cfg.tv
@@ -41,9 +44,9 @@ from .gradients import Reconstruction  # noqa: E402
 from .observation import KnownTraining, Observation, ObservationError, load_observations  # noqa: E402
 
 
-def run_attack(obs: Observation, attack_cfg, device="cpu", seed: int = 0) -> Reconstruction:
+def run_attack(obs: Observation, attack_cfg, device="cpu", seed: int = 0, dataset: str = "") -> Reconstruction:
     entry = ATTACKS.get(attack_cfg.name)
-    return entry.run(obs, entry.params_for(attack_cfg), device=device, seed=seed)
+    return entry.run(obs, entry.params_for(attack_cfg, dataset), device=device, seed=seed)
 
 
 __all__ = ["ATTACKS", "AttackEntry", "KnownTraining", "Observation", "ObservationError", "Reconstruction", "load_observations", "run_attack"]

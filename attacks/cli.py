@@ -1,12 +1,13 @@
 """``fedkd attack RUN_DIR|CONFIG [--set attack.name=ig ...] [--out DIR]``.
 
 - RUN_DIR: a run recorded with ``attack.rounds``/``attack.clients``; attacks its ``observations/``.
-  Only ``attack.name``, ``attack.steps``, ``attack.restarts``, ``attack.tv`` and ``run.device`` may change (the rest was fixed
+  Only ``attack.name``, ``attack.steps``, ``attack.restarts``, ``attack.tv``, ``attack.order`` and ``run.device`` may change (the rest was fixed
   when the clients trained).
 - CONFIG: an experiment TOML; runs the federation (recording round 1, client 0 unless
   ``attack.rounds``/``attack.clients`` say otherwise), then attacks it.
 
-Writes ``attack.json`` (attack, defence, psnr, ssim, label_acc, baseline_psnr, wall_s, per-image
+Writes ``attack.json`` (attack, defence, psnr, ssim, label_acc, baseline_psnr/ssim (mean image),
+class_baseline_psnr/ssim (class-conditional mean image of the guessed labels), wall_s, per-image
 values) and ``attack.png`` (originals above reconstructions) into the run directory (or ``--out``).
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from fedkd.cli import command
 from fedkd.config import ConfigError, load_config
 
-ATTACK_TIME_KEYS = ("attack.name", "attack.steps", "attack.restarts", "attack.tv", "run.device")
+ATTACK_TIME_KEYS = ("attack.name", "attack.steps", "attack.restarts", "attack.tv", "attack.order", "run.device")
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +77,8 @@ def _attack(args: argparse.Namespace) -> int:
         summary = run_experiment(cfg, args.out, progress=not args.no_progress)
         result = attack_run_dir(summary["run_dir"], cfg)
     print(
-        f"\n{result['attack']} vs {result['defence']}: psnr {result['psnr']:.2f} dB (baseline {result['baseline_psnr']:.2f}), "
+        f"\n{result['attack']} vs {result['defence']}: psnr {result['psnr']:.2f} dB (baselines: mean image {result['baseline_psnr']:.2f}, "
+        f"class mean {result['class_baseline_psnr']:.2f}), strength {result['strength']}, "
         f"ssim {result['ssim']:.3f}, label acc {result['label_acc']:.2f}, {result['wall_s']:.1f} s\n"
         f"wrote {Path(result['run_dir']) / 'attack.json' if not args.out or not target.is_dir() else Path(args.out) / 'attack.json'} and {result['png']}"
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fedkd.config import ConfigError, register_section
 
 SETTINGS = ("gradient", "update")
+ORDERS = ("unknown", "known")
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,11 @@ class AttackConfig:
     batch_size: int = 1  # images the attacked client holds in an attacked round
     steps: int = 0  # optimisation steps; 0 = the attack's default
     restarts: int = 0  # independent restarts; 0 = the attack's default
-    tv: float | None = None  # total-variation weight of ig/dia; None = the attack's default
+    tv: float | None = None  # total-variation weight of ig/dia; None = the attack's default (tuned per dataset where measured)
+    # update setting: the client reshuffles every epoch and the server never sees the order. "unknown": the
+    # replay assumes the same consecutive mini-batches every epoch (an honest server); "known": an oracle
+    # attacker is given the client's order (an upper bound on what the update leaks).
+    order: str = "unknown"
     rounds: tuple[int, ...] = ()  # rounds whose replies the server records (empty = record nothing)
     clients: tuple[int, ...] = ()  # partition ids whose replies the server records
 
@@ -32,6 +37,8 @@ class AttackConfig:
             raise ConfigError("attack.name", f"unknown value {self.name!r}; valid: {', '.join(ATTACKS.names())}")
         if self.setting not in SETTINGS:
             raise ConfigError("attack.setting", f"unknown value {self.setting!r}; valid: {', '.join(SETTINGS)}")
+        if self.order not in ORDERS:
+            raise ConfigError("attack.order", f"unknown value {self.order!r}; valid: {', '.join(ORDERS)}")
         if self.batch_size < 1:
             raise ConfigError("attack.batch_size", f"must be >= 1 (got {self.batch_size})")
         if self.steps < 0:

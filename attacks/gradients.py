@@ -5,7 +5,11 @@
   (SGD's first momentum step equals the gradient). ``update`` setting: ``(w_old - w_new) / lr``.
 - :class:`Replay`: a differentiable re-run of the client's local training on dummy data
   (``torch.func``): the gradient at the global weights, or the known number of SGD steps with the
-  known lr, momentum, weight decay and proximal term (Geiping et al.'s FedAvg attack).
+  known lr, momentum, weight decay and proximal term (Geiping et al.'s FedAvg attack). The client
+  reshuffles its data every epoch and the server never sees the order: without it (the default) the
+  replay assumes the same consecutive mini-batches every epoch, which is wrong from the second epoch
+  on whenever a batch holds fewer than all the images; an oracle attacker is given the order
+  (``KnownTraining.batch_order``; :func:`find_batch_order` recovers it for the evaluation side).
 - :func:`infer_labels`: iDLG's analytic label (rows of the last layer's weight gradient with a
   negative sum); exact for one image, a heuristic for several.
 - loss terms (cosine distance, Euclidean distance, total variation) and :func:`signed_adam`, the
@@ -92,13 +96,22 @@ class Replay:
         self.params = {n: p.detach() for n, p in self.model.named_parameters()}
         self.names = list(self.params)
         self.target = observed_target(obs, self.names, self.device)
-        t = obs.training
-        n = t.num_examples
-        # (start, end) of each local step's mini-batch within the dummy data, epoch after epoch
-        self.batches = [(s, min(s + t.batch_size, n)) for _ in range(t.local_epochs) for s in range(0, n, t.batch_size)]
-        if t.setting == "gradient":
-            self.batches = [(0, n)]
+        self.set_order(obs.training.batch_order)
         self.mask_shapes = self._mask_shapes() if self.dropout_layers else {}
+
+    def set_order(self, orders) -> None:
+        """The dummy images of each local step: ``orders`` (one permutation per epoch) split into mini-batches;
+        ``None`` = unknown order: the same consecutive chunks every epoch."""
+        t = self.obs.training
+        n = t.num_examples
+        if t.setting == "gradient":
+            self.batches = [torch.arange(n, device=self.device)]
+            return
+        if orders is None:
+            orders = [tuple(range(n))] * t.local_epochs
+        if len(orders) != t.local_epochs or any(sorted(o) != list(range(n)) for o in orders):
+            raise ValueError(f"batch order must be {t.local_epochs} permutations of range({n})")
+        self.batches = [torch.tensor(o[s : s + t.batch_size], device=self.device) for o in orders for s in range(0, n, t.batch_size)]
 
     def _mask_shapes(self) -> dict[str, tuple]:
         shapes: dict[str, tuple] = {}
@@ -119,9 +132,9 @@ class Replay:
     def init_masks(self, restarts: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """One mask per dropout layer per local step, Bernoulli(1 - p): (R, N_step, *features) each."""
         out = []
-        for s, e in self.batches:
+        for idx in self.batches:
             for key, p in self.dropout_layers.items():
-                shape = (restarts, e - s, *self.mask_shapes[key])
+                shape = (restarts, len(idx), *self.mask_shapes[key])
                 out.append(torch.bernoulli(torch.full(shape, 1.0 - p), generator=generator).to(self.device))
         return tuple(out)
 
@@ -140,12 +153,52 @@ class Replay:
             g = grad(self._loss)(self.params, x, y, self._masks_of_step(masks, 0))
             return [g[n] for n in self.names]
         p, buf = dict(self.params), None
-        for step, (s, e) in enumerate(self.batches):
-            g = grad(self._loss)(p, x[s:e], y[s:e], self._masks_of_step(masks, step))
+        for step, idx in enumerate(self.batches):
+            g = grad(self._loss)(p, x[idx], y[idx], self._masks_of_step(masks, step))
             g = {n: g[n] + t.weight_decay * p[n] + t.proximal_mu * (p[n] - self.params[n]) for n in self.names}
             buf = g if buf is None or t.momentum == 0 else {n: t.momentum * buf[n] + g[n] for n in self.names}
             p = {n: p[n] - t.lr * buf[n] for n in self.names}
         return [(self.params[n] - p[n]) / t.lr for n in self.names]
+
+
+def epoch_orders(n: int, batch_size: int) -> list[tuple[int, ...]]:
+    """Every distinct way one epoch can split ``range(n)`` into ordered mini-batches (order inside a batch is irrelevant)."""
+    import itertools
+
+    seen, out = set(), []
+    for perm in itertools.permutations(range(n)):
+        key = tuple(tuple(sorted(perm[s : s + batch_size])) for s in range(0, n, batch_size))
+        if key not in seen:
+            seen.add(key)
+            out.append(tuple(i for chunk in key for i in chunk))
+    return out
+
+
+def find_batch_order(obs: Observation, true_x, true_y, device="cpu", limit: int = 20_000) -> tuple[tuple[int, ...], ...]:
+    """The client's per-epoch mini-batch order: the one whose replay on the TRUE images comes closest
+    (Euclidean) to the observed update. Evaluation side only (it needs the true data): it hands an
+    oracle attacker the order a real server never sees. Exhaustive; refuses more than ``limit`` candidates."""
+    import itertools
+
+    from .observation import ObservationError
+
+    t = obs.training
+    if t.setting != "update" or t.local_epochs * -(-t.num_examples // t.batch_size) <= 1:
+        return tuple(tuple(range(t.num_examples)) for _ in range(max(t.local_epochs, 1)))
+    per_epoch = epoch_orders(t.num_examples, t.batch_size) if t.num_examples <= 8 else None
+    if per_epoch is None or len(per_epoch) ** t.local_epochs > limit:
+        raise ObservationError(f"order search: too many mini-batch orders for {t.num_examples} images, batch {t.batch_size}, {t.local_epochs} epochs")
+    replay = Replay(obs, device)
+    x = torch.as_tensor(true_x, dtype=torch.float32, device=replay.device)
+    y = one_hot(torch.as_tensor(true_y, dtype=torch.long), obs.num_classes, replay.device)
+    best, best_d = None, float("inf")
+    with torch.no_grad():
+        for combo in itertools.product(per_epoch, repeat=t.local_epochs):
+            replay.set_order(combo)
+            d = float(euclidean(replay(x, y), replay.target))
+            if d < best_d:
+                best, best_d = combo, d
+    return tuple(best)
 
 
 def cosine_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:

@@ -4,9 +4,13 @@
 - SSIM: scikit-image's ``skimage.metrics.structural_similarity`` (Wang et al. 2004, Gaussian-free
   7x7 uniform window, ``data_range=1``; ``channel_axis=0`` for colour), per image.
 - Label accuracy: the share of true labels the attack guessed (as multisets for a batch).
-- ``baseline_psnr``: the PSNR of the dataset's mean image (here: the mean of the federation's server
-  test set, data the attacker could plausibly know) against the same targets. A defence works when
-  the attack's PSNR falls to this baseline.
+- ``baseline_psnr`` / ``baseline_ssim``: the dataset's mean image (here: the mean of the federation's
+  server test set, data the attacker could plausibly know) scored against the same targets.
+- ``class_baseline_psnr`` / ``class_baseline_ssim``: the class-conditional mean image (the server test
+  set's mean image of each class) of each label the *attack guessed*, matched to the targets like a
+  reconstruction. Labels leak (iDLG's rule is exact for one image), so this is what an attacker gets
+  for free without inverting anything: the fairer bar. A defence works when the attack's PSNR falls
+  to it; an attack only shows image leakage beyond the label when it beats it.
 
 Images of a batch have no order, so reconstructions are matched to originals one to one by
 minimum total MSE (Hungarian assignment, scipy's ``linear_sum_assignment``) before scoring.
@@ -52,20 +56,40 @@ def label_accuracy(guess, true) -> float:
     return sum(min(g[k], n) for k, n in t.items()) / max(len(true), 1)
 
 
-def score(recon: np.ndarray, labels, true_x: np.ndarray, true_y, mean_image: np.ndarray) -> dict:
-    """Per-image and mean PSNR/SSIM of ``recon`` (N, C, H, W) against ``true_x``, plus baselines."""
+def class_means(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, C, H, W): the mean image of each class (the overall mean for a class with no sample)."""
+    overall = x.mean(0)
+    return np.stack([x[y == k].mean(0) if np.any(y == k) else overall for k in range(num_classes)])
+
+
+def score(recon: np.ndarray, labels, true_x: np.ndarray, true_y, mean_image: np.ndarray, class_mean_images: np.ndarray | None = None) -> dict:
+    """Per-image and mean PSNR/SSIM of ``recon`` (N, C, H, W) against ``true_x``, plus both baselines.
+
+    ``class_mean_images`` (K, C, H, W): the class-conditional baseline uses the rows of the guessed ``labels``.
+    """
     order = match(recon, true_x)
     rec = np.clip(recon[order], 0, 1)
     p = [psnr(r, t) for r, t in zip(rec, true_x)]
     s = [ssim(r, t) for r, t in zip(rec, true_x)]
     base = [psnr(mean_image, t) for t in true_x]
-    return {
+    base_s = [ssim(mean_image, t) for t in true_x]
+    out = {
         "psnr": float(np.mean(p)),
         "ssim": float(np.mean(s)),
         "label_acc": label_accuracy(labels, true_y),
         "baseline_psnr": float(np.mean(base)),
+        "baseline_ssim": float(np.mean(base_s)),
         "per_image": [
             {"psnr": a, "ssim": b, "baseline_psnr": c, "true_label": int(y)} for a, b, c, y in zip(p, s, base, true_y)
         ],
         "matched": rec,
     }
+    if class_mean_images is not None:
+        guess = class_mean_images[np.asarray(labels, dtype=int)]  # (N, C, H, W): the guessed labels' class means
+        cm = guess[match(guess, true_x)]
+        cp = [psnr(r, t) for r, t in zip(cm, true_x)]
+        cs = [ssim(r, t) for r, t in zip(cm, true_x)]
+        out["class_baseline_psnr"], out["class_baseline_ssim"] = float(np.mean(cp)), float(np.mean(cs))
+        for row, a, b in zip(out["per_image"], cp, cs):
+            row["class_baseline_psnr"], row["class_baseline_ssim"] = a, b
+    return out

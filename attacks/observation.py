@@ -40,6 +40,9 @@ class KnownTraining:
     num_examples: int  # from the reply's metrics
     proximal_mu: float = 0.0
     dropout: float = 0.0  # model.dropout: the client trained with unknown dropout masks
+    # The client's mini-batch order, one permutation of range(num_examples) per epoch. A server never sees
+    # it (the client reshuffles every epoch); only an oracle attacker is given it (``attack.order = "known"``).
+    batch_order: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def steps(self) -> int:

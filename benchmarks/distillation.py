@@ -57,13 +57,11 @@ def run_one(name: str, models: list[str], overrides: list[str], out: Path) -> di
     s = run_experiment(cfg, out, progress=False, echo=lambda *_: None)
     wall = time.perf_counter() - t
     df = pd.read_csv(out / "metrics.csv", dtype={"node": str})
-    last = df["round"].max()
-    clients = df[(df["node"] != "server") & (df["round"] == last) & (df["split"] == "test") & (df["metric"] == "accuracy")]
     pre = df[(df["node"] != "server") & (df["round"] == 1) & (df["metric"] == "pre_accuracy")]
     rounds = cfg.run.rounds
     return {
         "dataset": cfg.data.dataset, "strategy": name, "models": "+".join(models), "rounds": rounds,
-        "global_acc": round(s["accuracy"], 4), "own_acc": round(float(clients["value"].mean()), 4),
+        "global_acc": round(s["accuracy"], 4), "own_acc": round(s["personal_accuracy"], 4) if s.get("personal_accuracy") is not None else None,
         "baseline_acc": round(float(pre["value"].mean()), 4) if len(pre) else None,
         "up_kb": round(s["bytes_up"] / rounds / 1e3, 1), "down_kb": round(s["bytes_down"] / rounds / 1e3, 1),
         "wall_s": round(wall, 1), "rounds_s": round(s["rounds_wall_s"] or 0.0, 1),

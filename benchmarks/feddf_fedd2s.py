@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         r = cfg.run.rounds
         rows.append({
             "strategy": name, "models": models, "accuracy": round(s["accuracy"], 4),
-            "global_acc": round(s["personal_global_accuracy"], 4) if s.get("personal_global_accuracy") is not None else "",
+            "personal_accuracy": round(s["personal_accuracy"], 4) if s.get("personal_accuracy") is not None else "",
             "up_kB_per_round": round(s["bytes_up"] / r / 1e3, 1), "down_kB_per_round": round(s["bytes_down"] / r / 1e3, 1),
             "rounds_wall_s": round(s["rounds_wall_s"], 1), "wall_s": round(s["wall_s"], 1),
         })

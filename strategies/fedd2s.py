@@ -26,10 +26,12 @@ participating"), not its full text or code. The head shape, the schedule's form 
 ``drop_every`` rounds), averaging the heads' logits over shared depths, and the defaults (T = 3,
 beta = 1, Adam 1e-3, 2 server epochs, drop every 5 rounds) are our choices, not the paper's numbers.
 
-Evaluation is personalised: each client reports its own model on its own test split (``accuracy``)
-and on the global test set (``global_accuracy``); the server writes ``personal_accuracy_mean/min/max``
-and ``global_accuracy_mean/min/max`` under node "server" each round, and ``accuracy`` = the personal
-mean (there is no global model to score).
+Evaluation is personalised and shared with FedMD, FD and local-only (``strategies/personal.py``):
+each client reports its own model on its own test split (``accuracy``) and on the server's test set
+(``global_accuracy``); the server writes ``personal_accuracy_mean/min/max`` and
+``personal_global_accuracy_mean/min/max`` under node "server" each round. summary.json's ``accuracy`` is
+the clients' mean on the server test set and ``personal_accuracy`` their mean on their own test
+splits, with the same meaning as for every other strategy.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.nn import functional as F
 
@@ -54,6 +55,7 @@ from . import STRATEGIES
 from .base import StrategyEntry, StrategySpec
 from .fedavg import sampling
 from .feddf import distill_kl, model_name_of
+from .personal import PersonalStrategy
 
 
 @register_section("fedd2s")
@@ -78,22 +80,14 @@ class FedD2SConfig:
         _require(self.server_lr > 0, "fedd2s.server_lr", f"must be > 0 (got {self.server_lr})")
 
 
-def personal_stats(replies: list[Message]) -> dict[str, float]:
-    """Mean/min/max over clients of their personal models' accuracy (own test) and global accuracy."""
-    out: dict[str, float] = {}
-    for key, name in ((keys.ACCURACY, "personal_accuracy"), (keys.GLOBAL_ACCURACY, "global_accuracy")):
-        vals = [float(r.content[keys.METRICS][key]) for r in replies if key in r.content[keys.METRICS]]
-        if vals:
-            out[f"{name}_mean"], out[f"{name}_min"], out[f"{name}_max"] = float(np.mean(vals)), min(vals), max(vals)
-    return out
-
-
 def head_model(dim: int, hidden: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
-class FedD2S(FedAvg):
-    """Mutual distillation through per-(architecture, depth) server heads; no weights cross the wire."""
+class FedD2S(PersonalStrategy):
+    """Mutual distillation through per-(architecture, depth) server heads; no weights cross the wire.
+
+    Sampling and personalised evaluation come from :class:`PersonalStrategy` (``evaluate_fn``)."""
 
     def __init__(self, cfg, fed: Federation, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -101,7 +95,6 @@ class FedD2S(FedAvg):
         self.device = resolve_device(cfg.run.device)
         self.heads: dict[tuple[str, int], nn.Module] = {}
         self.soft_labels: dict[int, np.ndarray] = {}  # node id -> (N, K) server logits for its samples
-        self.personal: dict[str, float] = {}  # this round's personalised evaluation, for evaluate_fn
 
     def _messages(self, messages, extra_for_node) -> list[Message]:
         out = []
@@ -120,7 +113,6 @@ class FedD2S(FedAvg):
         return self._messages(super().configure_train(server_round, arrays, config, grid), extra)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self.personal = {}
         return self._messages(super().configure_evaluate(server_round, arrays, config, grid), lambda node_id: {})
 
     def _head(self, arch: str, depth: int, dim: int) -> nn.Module:
@@ -182,49 +174,11 @@ class FedD2S(FedAvg):
         metrics.update(dict(self.train_metrics_aggr_fn(contents, self.weighted_by_key)))
         return None, MetricRecord(metrics)
 
-    def aggregate_evaluate(self, server_round: int, replies):
-        replies = list(replies)
-        valid = [r for r in replies if not r.has_error()]
-        self.personal = personal_stats(valid)
-        return super().aggregate_evaluate(server_round, replies)
-
 
 def build_fedd2s(cfg, fed: Federation) -> StrategySpec:
     strategy = FedD2S(cfg, fed, **sampling(cfg))
+    return StrategySpec(strategy, ArrayRecord(), strategy.evaluate_fn, client="fedd2s")
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """No global model: report the round's personalised evaluation under node 'server'."""
-        if server_round == 0 or not strategy.personal:
-            return None
-        res = dict(strategy.personal)
-        res[keys.ACCURACY] = res["personal_accuracy_mean"]
-        return MetricRecord(res)
-
-    return StrategySpec(strategy, ArrayRecord(), evaluate_fn, client="fedd2s")
-
-
-def summary_fields(cfg, recorder) -> dict:
-    """summary.json: the last round's mean personal accuracy (own test) and mean global-test accuracy."""
-    if cfg.strategy.name != "fedd2s":
-        return {}
-    df = recorder.frame()
-    if not len(df):
-        return {}
-    last = int(df["round"].max())
-    return {
-        "personal_accuracy": recorder.value(last, "server", "test", "personal_accuracy_mean"),
-        "personal_global_accuracy": recorder.value(last, "server", "test", "global_accuracy_mean"),
-    }
-
-
-def _register_summary_hook() -> None:
-    from fedkd.server import SUMMARY_HOOKS
-
-    if summary_fields not in SUMMARY_HOOKS:
-        SUMMARY_HOOKS.append(summary_fields)
-
-
-_register_summary_hook()
 
 STRATEGIES.add("fedd2s", StrategyEntry(build_fedd2s, heterogeneous=True,
                                        description="FedD2S: personalised data-free mutual distillation with deep-to-shallow layer dropping"))

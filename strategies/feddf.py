@@ -13,9 +13,12 @@ Each round, per architecture group (``model.name`` as a list: clients ``i`` run 
 
 Our reading where the paper leaves room (also in strategies/README.md):
 
-- Proxy data: ``feddf.proxy_fraction`` of the server's held-out set (never in any client's data);
-  its labels are dropped. The rest of the server set is the test set for central evaluation, so a
-  FedDF run is scored on fewer (disjoint) samples than a FedAvg run on the same data config.
+- Proxy data: ``feddf.proxy_fraction`` of the training pool is held out (stratified, seeded) *before*
+  partitioning, exactly as FedMD's public split (``load_federation(..., public_fraction)``), so it is in
+  no client's data and is not the server's test set; its labels are dropped. Clients train on the rest
+  (an ``ENV_HOOKS`` entry below swaps their federation for :func:`feddf_federation`), so a FedDF client
+  holds ``proxy_fraction`` less private data than a FedAvg client on the same data config. Central
+  evaluation uses the whole server test set, the same samples as every other strategy's ``accuracy``.
 - Validation: the paper early-stops on a validation split; with unlabelled proxy data we use the
   distillation loss on ``feddf.val_fraction`` of the proxy data (no labels needed).
 - Wire format: the global state is one ArrayRecord holding every group's weights under
@@ -30,6 +33,7 @@ Defaults follow the paper's setup as we read it (Adam lr 1e-3, batch 64, tempera
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +46,7 @@ from torch.nn import functional as F
 
 from fedkd import keys
 from fedkd.config import ConfigError, _require, register_section
-from fedkd.data import ArrayDataset, Federation
+from fedkd.data import ArrayDataset, Federation, load_federation
 from fedkd.models import build_model
 from fedkd.training import evaluate, predict_logits, resolve_device
 
@@ -60,7 +64,7 @@ class FedDFConfig:
     max_steps: int = 10_000  # distillation steps per group per round, at most
     eval_every: int = 100  # steps between validation checks
     patience: int = 1_000  # stop after this many steps without a better validation loss
-    proxy_fraction: float = 0.5  # part of the server's held-out set used as unlabelled proxy data
+    proxy_fraction: float = 0.1  # share of the training pool held out (before partitioning) as unlabelled proxy data
     val_fraction: float = 0.2  # part of the proxy data kept for early stopping
 
     def validate(self, cfg) -> None:
@@ -82,21 +86,23 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
     return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), log_target=True, reduction="batchmean") * t * t
 
 
-def proxy_split(server_test: ArrayDataset, hp: FedDFConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset, ArrayDataset]:
-    """(proxy train inputs, proxy validation inputs, labelled test set): disjoint parts of the server set.
+def feddf_federation(cfg) -> Federation:
+    """The federation FedDF's clients train on: ``feddf.proxy_fraction`` of the pool held out as ``public``."""
+    return load_federation(cfg.data, cfg.run.seed, cfg.feddf.proxy_fraction)
 
-    Proxy parts keep their labels in the dataset object only so the types match; FedDF never reads them.
+
+def proxy_split(proxy: ArrayDataset, hp: FedDFConfig, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """(proxy train inputs, proxy validation inputs): disjoint parts of the held-out proxy pool.
+
+    They keep their labels in the dataset object only so the types match; FedDF never reads them.
     """
-    n = len(server_test)
+    n = len(proxy) if proxy is not None else 0
     perm = np.random.default_rng([seed, 0xDF]).permutation(n)
-    n_proxy = int(round(n * hp.proxy_fraction))
-    n_val = int(round(n_proxy * hp.val_fraction))
-    if n_proxy - n_val < 1 or n_val < 1:
-        raise ConfigError("feddf.proxy_fraction", f"leaves an empty proxy split ({n_proxy} of {n} server samples, {n_val} for validation)")
-    if n - n_proxy < 1:
-        raise ConfigError("feddf.proxy_fraction", f"leaves no server test samples ({n_proxy} of {n} used as proxy)")
-    val, train, test = perm[:n_val], perm[n_val:n_proxy], perm[n_proxy:]
-    return server_test.take(np.sort(train)), server_test.take(np.sort(val)), server_test.take(np.sort(test))
+    n_val = int(round(n * hp.val_fraction))
+    if n - n_val < 1 or n_val < 1:
+        raise ConfigError("feddf.proxy_fraction", f"leaves an empty proxy split ({n} held-out samples, {n_val} for validation); raise it")
+    val, train = perm[:n_val], perm[n_val:]
+    return proxy.take(np.sort(train)), proxy.take(np.sort(val))
 
 
 def ensemble_distill(student: torch.nn.Module, teacher_train: torch.Tensor, teacher_val: torch.Tensor,
@@ -233,7 +239,9 @@ class FedDF(FedAvg):
 
 
 def build_feddf(cfg, fed: Federation) -> StrategySpec:
-    proxy_tr, proxy_va, test = proxy_split(fed.server_test, cfg.feddf, cfg.run.seed)
+    own = feddf_federation(cfg)
+    proxy_tr, proxy_va = proxy_split(own.public, cfg.feddf, cfg.run.seed)
+    test = own.server_test  # the same server test set as every strategy's (split off before the proxy pool)
     names = sorted(set(cfg.model.name))
     initial = {}
     for gi, name in enumerate(names):
@@ -244,7 +252,7 @@ def build_feddf(cfg, fed: Federation) -> StrategySpec:
     models = {name: group_model(cfg, fed, name) for name in names}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Each group's model on the server test set (minus the proxy part); 'accuracy' = their mean."""
+        """Each group's model on the server test set; 'accuracy' = their mean."""
         out, accs, losses = {}, [], []
         for name, rec in unpack(arrays).items():
             models[name].load_state_dict(rec.to_torch_state_dict())
@@ -262,6 +270,24 @@ def build_feddf(cfg, fed: Federation) -> StrategySpec:
 
     return StrategySpec(strategy, pack(initial), evaluate_fn, client="feddf")
 
+
+def _client_data(msg, env):
+    """Client side (an ``ENV_HOOKS`` entry): a FedDF client trains on the federation without the proxy pool."""
+    if env.cfg.strategy.name != "feddf":
+        return env
+    return dataclasses.replace(env, federation=feddf_federation(env.cfg))
+
+
+def _register_hooks() -> None:
+    from fedkd.attacks.runner import CLIENT_FEDERATIONS
+    from fedkd.clients.base import ENV_HOOKS
+
+    if _client_data not in ENV_HOOKS:
+        ENV_HOOKS.insert(0, _client_data)  # before the attacks' threat setting, which reads the federation
+    CLIENT_FEDERATIONS["feddf"] = feddf_federation
+
+
+_register_hooks()
 
 STRATEGIES.add("feddf", StrategyEntry(build_feddf, heterogeneous=True, mechanisms=("none", "dp-sgd"),
                                       description="FedDF: FedAvg per architecture + server ensemble distillation on unlabelled proxy data"))

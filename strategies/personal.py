@@ -1,18 +1,32 @@
-"""Shared plumbing for strategies whose clients keep their own models (FedMD, FD, local-only, ...).
+"""Shared plumbing for strategies whose clients keep their own models (FedMD, FD, local-only, FedD2S, ...),
+and the two summary metrics every strategy reports.
 
-There is no global model to evaluate on the server, so evaluation is personalised: every client
-evaluates *its own* model on its own test split (``loss``, ``accuracy``) and on the server's global
-test set (``global_loss``, ``global_accuracy``); those replies land per node in metrics.csv
-(split "test"). :class:`PersonalStrategy` then records, per round, under node ``server`` (split
-"test"): ``personal_accuracy_mean/min/max`` and ``personal_global_accuracy_mean/min/max`` (plus the
-matching ``_loss_mean``), and ``accuracy``/``loss`` = the clients' mean on the global test set, so the
-per-round table and summary.json's ``accuracy`` mean "the clients' own models on the server test set".
-A summary hook adds ``personal_accuracy_mean`` and ``personal_global_accuracy_mean`` (last round) to
-summary.json.
+**Summary metrics (one meaning for every strategy; ``benchmarks/`` read these names only):**
+
+- ``accuracy``: mean accuracy, on the server's test set (``Federation.server_test``, the same samples
+  for every strategy on the same data config), of what the strategy produces for deployment: the global
+  model (FedAvg, FedProx, FedDF: the mean over its architecture groups, DP wrappers), or each client's
+  own model, averaged over the clients (strategies built on :class:`PersonalStrategy`). It is the last
+  round's ``accuracy`` row of node ``server``.
+- ``personal_accuracy``: mean over clients (unweighted) of the accuracy on each client's *own* test
+  split of the model that client would use: the global model it received (weight-sharing strategies)
+  or its own model (personal strategies). It is the mean of the last evaluated round's per-node
+  ``accuracy`` rows of split ``test`` (the clients' evaluate replies), so it needs
+  ``strategy.fraction_evaluate > 0`` (``None`` otherwise). :func:`metric_summary` writes it for every run.
+
+**Personalised evaluation** (no global model to evaluate on the server): every client evaluates *its
+own* model on its own test split (``loss``, ``accuracy``) and on the server's test set
+(``global_loss``, ``global_accuracy``); those replies land per node in metrics.csv (split "test").
+:class:`PersonalStrategy` then records, per round, under node ``server`` (split "test"):
+``personal_accuracy_mean/min/max`` and ``personal_global_accuracy_mean/min/max`` (plus the matching
+``_loss_mean``), and ``accuracy``/``loss`` = the clients' mean on the server test set. summary.json of a
+personal strategy also keeps ``personal_accuracy_mean`` (= ``personal_accuracy``) and
+``personal_global_accuracy_mean`` (= ``accuracy``) for existing callers.
 
 Use it: subclass :class:`PersonalStrategy`, build the per-node train messages in ``configure_train``,
 and pass ``strategy.evaluate_fn`` as the StrategySpec's ``evaluate_fn``; the client side derives from
-``fedkd.clients.personal.PersonalClient`` (own model in ``Context.state``, evaluation done for you).
+``fedkd.clients.personal.PersonalClient`` (own model in ``Context.state``, evaluation done for you), or
+replies to evaluate messages with ``accuracy`` (own test split) and ``global_accuracy`` (server test set).
 """
 
 from __future__ import annotations
@@ -113,6 +127,22 @@ class PersonalStrategy(FedAvg):
         return MetricRecord(stats) if stats else None
 
 
+def client_accuracy(recorder) -> tuple[int, float] | None:
+    """(round, unweighted mean over clients of their test-split ``accuracy``) of the last round clients evaluated."""
+    rows = [r for r in recorder.rows if r["node"] != "server" and r["split"] == "test" and r["metric"] == keys.ACCURACY]
+    if not rows:
+        return None
+    last = max(r["round"] for r in rows)
+    per_node = {r["node"]: r["value"] for r in rows if r["round"] == last}  # one reply per node and round
+    return last, float(np.mean(list(per_node.values())))
+
+
+def metric_summary(cfg, recorder) -> dict:
+    """summary.json's ``personal_accuracy`` for every strategy (``accuracy`` comes from the server's rows)."""
+    found = client_accuracy(recorder)
+    return {"personal_accuracy": found[1] if found else None}
+
+
 def personal_summary(cfg, recorder) -> dict:
     """summary.json fields: the last round's mean personal accuracies (only for personal strategies)."""
     out: dict = {}
@@ -126,8 +156,9 @@ def personal_summary(cfg, recorder) -> dict:
 def _register_hook() -> None:
     from fedkd.server import SUMMARY_HOOKS
 
-    if personal_summary not in SUMMARY_HOOKS:
-        SUMMARY_HOOKS.append(personal_summary)
+    for hook in (metric_summary, personal_summary):
+        if hook not in SUMMARY_HOOKS:
+            SUMMARY_HOOKS.append(hook)
 
 
 _register_hook()

@@ -48,14 +48,16 @@ def test_fedd2s_heterogeneous_end_to_end(tmp_path):
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
     assert summary["status"] == "ok"
     assert summary["personal_accuracy"] is not None and summary["personal_accuracy"] > 0.3
-    assert summary["accuracy"] == pytest.approx(summary["personal_accuracy"])
     df = pd.read_csv(tmp_path / "run" / "metrics.csv", dtype={"node": str})
     for r in (1, 2):
         server = df[(df["node"] == "server") & (df["round"] == r)].set_index("metric")["value"]
-        assert {"personal_accuracy_mean", "personal_accuracy_min", "personal_accuracy_max", "global_accuracy_mean"} <= set(server.index)
+        assert {"personal_accuracy_mean", "personal_accuracy_min", "personal_accuracy_max", "personal_global_accuracy_mean"} <= set(server.index)
         clients = df[(df["split"] == "test") & (df["round"] == r) & (df["metric"] == "accuracy") & (df["node"] != "server")]["value"]
         assert server["personal_accuracy_mean"] == pytest.approx(clients.mean())
         assert server["personal_accuracy_min"] == pytest.approx(clients.min())
+        on_server_test = df[(df["split"] == "test") & (df["round"] == r) & (df["metric"] == "global_accuracy") & (df["node"] != "server")]["value"]
+        assert server["accuracy"] == pytest.approx(on_server_test.mean()) == pytest.approx(server["personal_global_accuracy_mean"])
+    assert summary["accuracy"] == pytest.approx(server["accuracy"])  # the clients' own models on the server test set
     # Knowledge only, never weights. Up: features of the shared layers + logits + labels per sample;
     # round 1 shares every layer, round 2 (drop_every=1) drops the deepest one. Down: soft labels in round 2.
     fed = load_federation(cfg.data, cfg.run.seed)

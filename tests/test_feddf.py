@@ -12,7 +12,7 @@ from fedkd.config import ConfigError
 from fedkd.data import load_federation
 from fedkd.experiment import run_experiment
 from fedkd.models import build_model
-from fedkd.strategies.feddf import FedDFConfig, distill_kl, ensemble_distill, pack, proxy_split, unpack
+from fedkd.strategies.feddf import FedDFConfig, distill_kl, ensemble_distill, feddf_federation, pack, proxy_split, unpack
 from tests.conftest import small
 
 
@@ -58,20 +58,39 @@ def test_bad_hyperparameters_name_the_key():
     cfg = small("strategy.name=feddf")
     tiny = load_federation(cfg.data, 0).server_test.take(np.arange(3))
     with pytest.raises(ConfigError, match=r"^feddf\.proxy_fraction: leaves an empty proxy split"):
-        proxy_split(tiny, FedDFConfig(proxy_fraction=0.1), 0)
+        proxy_split(tiny, FedDFConfig(val_fraction=0.1), 0)
 
 
-def test_proxy_split_is_disjoint_and_held_out():
+def test_proxy_pool_is_held_out_of_every_client_and_the_test_set():
     cfg = small("strategy.name=feddf")
-    fed = load_federation(cfg.data, 0)
-    tr, va, te = proxy_split(fed.server_test, cfg.feddf, 0)
-    assert len(tr) + len(va) + len(te) == len(fed.server_test) and min(len(tr), len(va), len(te)) > 0
+    own, plain = feddf_federation(cfg), load_federation(cfg.data, 0)
+    tr, va = proxy_split(own.public, cfg.feddf, 0)
+    assert len(tr) + len(va) == len(own.public) == round(cfg.feddf.proxy_fraction * sum(len(c.train) + len(c.test) for c in plain.clients))
     rows = lambda d: {r.tobytes() for r in d.x.reshape(len(d), -1)}  # noqa: E731
-    assert not rows(tr) & rows(te) and not rows(va) & rows(te)
+    proxy = rows(own.public)
+    assert not rows(tr) & rows(va)
+    assert not proxy & rows(own.server_test), "the proxy pool is not the test set"
+    np.testing.assert_array_equal(own.server_test.x, plain.server_test.x)  # same test set as every strategy
+    for c in own.clients:
+        assert not proxy & (rows(c.train) | rows(c.test)), f"client {c.partition_id} holds proxy data"
+
+
+def test_clients_train_without_the_proxy_pool():
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedkd import keys
+    from fedkd.clients.base import client_env
+
+    cfg = small("strategy.name=feddf")
+    msg = Message(RecordDict({keys.CONFIG: ConfigRecord({keys.EXPERIMENT: cfg.to_json(), keys.SERVER_ROUND: 1})}), dst_node_id=1, message_type="train")
+    env = client_env(msg, Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config={}))
+    assert env.federation is feddf_federation(cfg)
+    rows = lambda d: {r.tobytes() for r in d.x.reshape(len(d), -1)}  # noqa: E731
+    assert len(env.data.train) > 0 and not rows(env.data.train) & rows(env.federation.public)
 
 
 def test_feddf_heterogeneous_end_to_end(tmp_path):
-    cfg = small("strategy.name=feddf", 'model.name=["mlp", "cnn"]', "feddf.max_steps=40", "feddf.eval_every=10", "feddf.patience=20")
+    cfg = small("strategy.name=feddf", 'model.name=["mlp", "cnn"]', "train.local_epochs=2", "feddf.max_steps=40", "feddf.eval_every=10", "feddf.patience=20")
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
     assert summary["status"] == "ok" and summary["accuracy"] > 0.15  # 2 short rounds; chance is 0.1
     df = pd.read_csv(tmp_path / "run" / "metrics.csv", dtype={"node": str})
