@@ -28,7 +28,8 @@ import torch
 from fedkd import keys
 from fedkd.config import register_section
 from fedkd.server import OBSERVER_FACTORIES
-from fedkd.simulation import CLIENT_APP, NODE_ID_BASE, ClientHost, LocalGrid, node_config
+from fedkd.attacks.inline import NodeHost
+from fedkd.simulation import NODE_ID_BASE, LocalGrid, node_config
 
 from .membership import ModelObservation, RoundsObservation
 
@@ -118,7 +119,7 @@ class InProcessGrid(LocalGrid):
 
         threads = torch.get_num_threads()
         self.node_ids = [NODE_ID_BASE + i for i in range(num_nodes)]
-        self.host = ClientHost(CLIENT_APP, {nid: node_config(i, num_nodes) for i, nid in enumerate(self.node_ids)}, run_id, threads=threads)
+        self.host = NodeHost({nid: node_config(i, num_nodes) for i, nid in enumerate(self.node_ids)}, run_id, threads=threads)
         self._run = Run.create_empty(run_id)
         self._done: dict = {}
 

@@ -41,5 +41,5 @@ def build_fedprox(cfg, fed) -> StrategySpec:
     return StrategySpec(strategy, ArrayRecord(global_model(cfg, fed).state_dict()), central_evaluate_fn(cfg, fed))
 
 
-STRATEGIES.add("fedavg", StrategyEntry(build_fedavg, mechanisms=WEIGHT_MECHANISMS, description="Federated Averaging (Flower's FedAvg)"))
-STRATEGIES.add("fedprox", StrategyEntry(build_fedprox, mechanisms=WEIGHT_MECHANISMS, description="FedProx (Flower's FedProx)"))
+STRATEGIES.add("fedavg", StrategyEntry(build_fedavg, mechanisms=(*WEIGHT_MECHANISMS, "subject-dp"), description="Federated Averaging (Flower's FedAvg)"))
+STRATEGIES.add("fedprox", StrategyEntry(build_fedprox, mechanisms=(*WEIGHT_MECHANISMS, "subject-dp"), description="FedProx (Flower's FedProx)"))

@@ -16,15 +16,29 @@ TINY = [
     "train.batch_size=32", "fedmd.public_epochs=1", "fedmd.private_epochs=1", "fedmd.alignment_size=16",
     "feddf.max_steps=2", "feddf.eval_every=1", "feddf.patience=1", "strategy.fraction_evaluate=0",
 ]
+# What a strategy needs to run at all (its model family, its data); the rest of TINY applies.
+STRATEGY_SETTINGS = {
+    "fedlgd": ["model.name=convnet-w32", "data.dataset=digits-domains", "data.partitioner=domain", 'data.domains=["gray", "inverted"]',
+               "data.max_samples=300", "train.local_epochs=1", "fedlgd.ipc=2", "fedlgd.server_ipc=1", "fedlgd.warmup_iterations=2",
+               "fedlgd.dm_iterations=2", "fedlgd.gm_iterations=2", "fedlgd.real_batch=8"],
+    "hyperfl": ["model.name=hyperfl-cnn", "hyperfl.hnet_epochs=1"],
+    "pfedhn": ["model.name=pfedhn-cnn", "pfedhn.inner_steps=3"],
+    "pfedhn-pc": ["model.name=pfedhn-cnn", "pfedhn.inner_steps=3"],
+}
 SETTINGS = {
     "none": [],
     "dp-sgd": ["privacy.noise_multiplier=1.0"],
     "rqm": ["privacy.target_epsilon=64"],
     "pbm": ["privacy.target_epsilon=64"],
     "gaussian": ["privacy.noise_multiplier=1.0"],
+    "subject-dp": ["privacy.noise_multiplier=1.0"],
 }
+# Data a mechanism needs, applied where the strategy runs it (subject-level DP needs records with subject ids).
+MECHANISM_DATA = {"subject-dp": ["data.dataset=synthetic-subjects", "data.num_subjects=8", "data.records_per_subject=20",
+                                 "data.subjects_per_client=2"]}
 UNIT = {"dp-sgd": ("record", "add/remove", "local"), "rqm": ("client", "replace", "local"),
-        "pbm": ("client", "replace", "local"), "gaussian": ("client", "zero-out", "central")}
+        "pbm": ("client", "replace", "local"), "gaussian": ("client", "zero-out", "central"),
+        "subject-dp": ("subject", "add/remove", "local")}
 
 
 def summary_of(cfg):
@@ -51,13 +65,13 @@ def test_every_pair_runs_with_a_guarantee_or_is_refused(strategy):
     entry = STRATEGIES.get(strategy)
     assert set(entry.mechanisms) <= set(PRIVACY_MECHANISMS) and "none" in entry.mechanisms
     for mech in PRIVACY_MECHANISMS:
-        overrides = [f"strategy.name={strategy}", f'privacy.mechanism="{mech}"', *TINY, *SETTINGS[mech]]
+        overrides = [f"strategy.name={strategy}", f'privacy.mechanism="{mech}"', *TINY, *STRATEGY_SETTINGS.get(strategy, []), *SETTINGS[mech]]
         if mech not in entry.mechanisms:
-            with pytest.raises(ConfigError) as e:
+            with pytest.raises(ConfigError) as e:  # refused on the mechanism itself, before any other check
                 small(*overrides)
             assert e.value.key == "privacy.mechanism" and "\n" not in str(e.value) and strategy in str(e.value)
             continue
-        s = summary_of(small(*overrides))
+        s = summary_of(small(*overrides, *MECHANISM_DATA.get(mech, [])))
         assert s["status"] == "ok" and s["rounds_completed"] == 1 and not s["failures"], (strategy, mech, s["failures"])
         if mech == "none":
             assert s["epsilon"] is None

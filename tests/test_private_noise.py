@@ -10,11 +10,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd import keys
-from fedkd.attacks.inline import InlineGrid
+from fedkd.attacks.inline import InlineGrid, NodeHost
 from fedkd.data import load_federation
 from fedkd.results import RunRecorder
 from fedkd.server import run_server, summarize
-from fedkd.simulation import CLIENT_APP, ClientHost, node_config
+from fedkd.simulation import node_config
 from fedkd.strategies import build_strategy
 from tests.conftest import small
 
@@ -77,7 +77,7 @@ def rerun_clients(seen: Seen, rnd: int = 1) -> list[tuple[dict, dict]]:
     sent = {m.metadata.dst_node_id: m for m in seen.sent[rnd]}
     for reply, pid, arrays, _ in seen.replies[rnd]:
         msg = sent[reply.metadata.src_node_id]
-        host = ClientHost(CLIENT_APP, {msg.metadata.dst_node_id: node_config(pid, N)}, run_id=1, threads=torch.get_num_threads())
+        host = NodeHost({msg.metadata.dst_node_id: node_config(pid, N)}, run_id=1)
         again = host.handle([msg])[0]
         assert not again.has_error(), again.error.reason
         out.append((arrays, {k: v.numpy() for k, v in again.content[keys.ARRAYS].items()}))

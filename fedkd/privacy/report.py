@@ -124,6 +124,13 @@ def privacy_summary(cfg, recorder) -> dict:
             bits_per_coordinate=32,
         )
         eps = out_eps(recorder)
+    elif p.mechanism == "subject-dp":
+        from fedkd.privacy import subject_dp_mechanism
+
+        fields = subject_dp_mechanism.summary(cfg, recorder)
+        unit, relation, trust = "subject", "add/remove", LOCAL
+        eps = fields.pop("epsilon", None)
+        out.update(fields)
     out.update(privacy_unit=unit, privacy_relation=relation, privacy_trust_model=trust)
     if p.reproducible_noise:
         eps = None

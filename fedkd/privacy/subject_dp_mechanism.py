@@ -37,7 +37,6 @@ from fedkd.clients import CLIENTS
 from fedkd.clients.base import ClientEnv, reply
 from fedkd.clients.weights import WeightsClient
 from fedkd.config import ConfigError, register_section
-from fedkd.server import SUMMARY_HOOKS
 from fedkd.strategies import PRIVACY_WRAPPERS
 
 from . import canaries  # noqa: F401  (the [audit] section and the canary ENV hook, in every process)
@@ -154,7 +153,7 @@ def summary(cfg, recorder) -> dict:
     return out
 
 
-SUMMARY_HOOKS.append(summary)
+# fedkd.privacy.report.privacy_summary reads summary() (one place writes every mechanism's privacy fields).
 
 
 def wrap(spec, cfg, fed):
@@ -217,10 +216,10 @@ def train_subject_dp(model, data, *, epochs: int, lr: float, momentum: float, we
         ids = subj[rows].to(device)
         noisy = sdp.subject_dp_gradient(per, ids, clip=clip, noise_multiplier=sigma * NOISE_SCALE, expected_subjects=q * len(subjects), generator=gen)
         opt.zero_grad(set_to_none=True)
-        for p, g in zip(trainable, noisy):
+        for i, (p, g) in enumerate(zip(trainable, noisy)):
             p.grad = g.to(p.device, p.dtype)
-            if anchor is not None:
-                p.grad = p.grad + proximal_mu * (p.detach() - anchor[trainable.index(p)])
+            if anchor is not None:  # FedProx's term: data-independent, so it costs no privacy
+                p.grad = p.grad + proximal_mu * (p.detach() - anchor[i])
         opt.step()
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps, "sample_rate": q,
             "subjects": len(subjects), "mean_sampled": sampled / max(steps, 1)}
