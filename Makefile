@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/default.toml
 ARGS   ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-slow bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ run: $(STAMP)
 	$(VENV)/bin/fedkd run $(CONFIG) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
+
+# tests marked slow: real deployments that wait on Flower's timers (a SuperNode killed and restarted: minutes)
+test-slow: $(STAMP)
+	$(PY) -m pytest -q tests -m slow $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --quick

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/deploy_speed.py                 # 2 SuperNodes, 3 rounds (reduced), all phases
     .venv/bin/python benchmarks/deploy_speed.py --rounds 5 --skip before
+    .venv/bin/python benchmarks/deploy_speed.py --quick         # 2 rounds, floor and after only
 
 Every phase is a real deployment on 127.0.0.1 (one SuperLink, N SuperNodes, ``flwr run``), the way
 ``fedkd deploy local`` runs it:
@@ -143,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds per deployed run (default 3: reduced)")
     p.add_argument("--before-rev", default=BEFORE_REV, help=f"git revision measured as 'before' (default {BEFORE_REV})")
     p.add_argument("--skip", action="append", default=[], choices=["floor", "before", "after"], help="leave a phase out")
-    p.add_argument("--after-args", default="", help="extra arguments for the 'after' run, e.g. \"--set deploy.one_exchange=false\"")
+    p.add_argument("--after-args", default="", help="extra arguments for the 'after' run, e.g. \"--set deploy.one_exchange=off\"")
     p.add_argument("--csv", default=str(RESULTS))
+    p.add_argument("--quick", action="store_true", help="2 rounds, no 'before' run")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.skip = 2, sorted(set(args.skip) | {"before"})
     if args.rounds < 2:
         p.error("--rounds must be >= 2 (round 1 is reported apart)")
 
