@@ -1,6 +1,6 @@
 """FedLGD vs FedAvg vs FedProx on the feature-shift federation (one domain per client), REDUCED setting.
 
-    .venv/bin/python benchmarks/fedlgd.py            # the README table (about 15-20 min on the shared 2-core CPU)
+    .venv/bin/python benchmarks/fedlgd.py            # the README table (34 min on the shared 2-core CPU under load average 20-35)
     .venv/bin/python benchmarks/fedlgd.py --quick    # 2 rounds, tiny: checks the script runs
 
 The paper's setting (ConvNet width 128, 10,000 warm-up iterations of distribution matching on 256 real
