@@ -92,7 +92,7 @@ def part_subject(args) -> None:
 
 RECORD_BASE = [
     "data.dataset=digits", "data.partitioner=iid", "data.num_clients=4", "data.server_test_fraction=0.5", "data.client_test_fraction=0",
-    "model.hidden=[128, 128]", "run.rounds=6", "train.local_epochs=3", "train.batch_size=16", "strategy.fraction_evaluate=0",
+    "model.hidden=[128, 128]", "run.rounds=4", "train.local_epochs=2", "train.batch_size=16", "strategy.fraction_evaluate=0",
 ]
 
 
@@ -180,7 +180,7 @@ AUDITS = {  # name -> (overrides, canary kind)
     "gaussian": (RECORD_BASE[:4] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0",
                  "privacy.mechanism=gaussian", "privacy.target_epsilon=2.0", "privacy.max_grad_norm=1.0"], "record"),
     "rqm": (RECORD_BASE[:4] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0",
-            "privacy.mechanism=rqm"], "record"),
+            "privacy.mechanism=rqm", "privacy.target_epsilon=8.0"], "record"),
     "subject-dp": (SUBJECT_BASE[:8] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0",
                    "privacy.mechanism=subject-dp", "privacy.target_epsilon=2.0", "subject_dp.subjects_per_step=20", "audit.records_per_canary=2"], "subject"),
     "none": (RECORD_BASE[:4] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0"], "record"),
