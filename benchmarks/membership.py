@@ -92,7 +92,7 @@ def part_subject(args) -> None:
 
 RECORD_BASE = [
     "data.dataset=digits", "data.partitioner=iid", "data.num_clients=4", "data.server_test_fraction=0.5", "data.client_test_fraction=0",
-    "model.hidden=[128, 128]", "run.rounds=6", "train.local_epochs=3", "train.batch_size=16", "strategy.fraction_evaluate=0",
+    "model.hidden=[128, 128]", "run.rounds=4", "train.local_epochs=2", "train.batch_size=16", "strategy.fraction_evaluate=0",
 ]
 
 
@@ -180,10 +180,13 @@ AUDITS = {  # name -> (overrides, canary kind)
     "gaussian": (RECORD_BASE[:4] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0",
                  "privacy.mechanism=gaussian", "privacy.target_epsilon=2.0", "privacy.max_grad_norm=1.0"], "record"),
     "rqm": (RECORD_BASE[:4] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0",
-            "privacy.mechanism=rqm"], "record"),
+            "privacy.mechanism=rqm", "privacy.target_epsilon=8.0"], "record"),
     "subject-dp": (SUBJECT_BASE[:8] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0",
                    "privacy.mechanism=subject-dp", "privacy.target_epsilon=2.0", "subject_dp.subjects_per_step=20", "audit.records_per_canary=2"], "subject"),
     "none": (RECORD_BASE[:4] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=3", "train.local_epochs=1", "strategy.fraction_evaluate=0"], "record"),
+    # undefended, with canaries a large share of the data and more local training (the setting above gives AUC ~0.5)
+    "none-small": (RECORD_BASE[:4] + ["data.client_test_fraction=0", "model.hidden=[64]", "run.rounds=4", "train.local_epochs=5", "strategy.fraction_evaluate=0",
+                   "data.max_samples=400"], "record"),
 }
 
 
@@ -205,7 +208,12 @@ def part_audit(args) -> None:
             "bayesian_bound": b.get("bayesian", {}).get("epsilon"), "ok": rep["ok"], "accuracy": float(np.mean([a for a in rep["accuracy"] if a is not None])),
             "wall_s": time.perf_counter() - t0,
         })
-    path = write_csv(rows, RESULTS / "membership_audit.csv")
+    path = RESULTS / "membership_audit.csv"
+    if args.append and path.exists():
+        import pandas as pd
+
+        rows = pd.read_csv(path).to_dict("records") + rows
+    path = write_csv(rows, path)
     print(f"-> {path}")
     _print(rows, list(rows[0]))
 
@@ -224,6 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--references", type=int, default=8)
     p.add_argument("--canaries", type=int, default=300)
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--append", action="store_true", help="audit: add rows to the existing CSV")
     p.add_argument("--mechanisms", nargs="+", default=["dp-sgd", "gaussian", "rqm", "subject-dp"], choices=list(AUDITS))
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,8 @@ def claim_for(cfg, kind: str, epsilon: float | None) -> tuple[float | None, floa
     if p.mechanism == "none" or epsilon is None or not math.isfinite(epsilon):
         return None, (p.delta if p.mechanism != "none" else 0.0), "no finite claim"
     if p.mechanism in CLIENT_UNIT_MECHANISMS:
+        if epsilon > 50 or (1 + math.exp(epsilon)) * p.delta >= 1:
+            return None, p.delta, f"client-level claim eps={epsilon:.4g}: as a record-level claim (2 eps, (1 + e^eps) delta) it is vacuous"
         return 2 * epsilon, (1 + math.exp(epsilon)) * p.delta, f"client-level claim eps={epsilon:.4g}: a canary inside a client is a replacement, group privacy gives 2 eps"
     unit = "subject" if p.mechanism == "subject-dp" else "record"
     if unit != kind:
