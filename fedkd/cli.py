@@ -45,8 +45,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedkd.config import load_config
     from fedkd.experiment import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
-    summary = run_experiment(cfg, args.out, progress=not args.no_progress)
+    from fedkd.simulation import early_pool
+
+    pool = early_pool(args.config, args.overrides)  # Ray starts here while the config (and torch) load
+    if pool is None:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        from fedkd.experiment import _overlapped
+
+        try:
+            cfg = _overlapped(pool.start, lambda: load_config(args.config, args.overrides))
+        except BaseException:
+            pool.close()
+            raise
+        if pool.key != type(pool).for_config(cfg, max_actors=cfg.data.num_clients).key:
+            pool.close()
+            pool = None
+    summary = run_experiment(cfg, args.out, progress=not args.no_progress, pool=pool, close_pool=True)
     print_summary(summary)
     return 0
 

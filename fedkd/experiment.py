@@ -20,6 +20,7 @@ def run_experiment(
     observers=None,
     echo=print,
     pool=None,
+    close_pool: bool = False,
 ) -> dict:
     """Run ``cfg`` on its simulation backend. Returns the summary (also in ``<run dir>/summary.json``).
 
@@ -30,6 +31,7 @@ def run_experiment(
     Fast path: Ray and the actors start in the background (``pool``: a started
     :class:`fedkd.simulation.ActorPool` to reuse; else the active :class:`fedkd.simulation.Session`'s;
     else a pool of its own, closed at the end) while this thread loads the data and builds the strategy.
+    ``close_pool``: close the given ``pool`` at the end too (``fedkd run`` starts one while it validates).
     """
     from fedkd.strategies import build_strategy
 
@@ -41,6 +43,8 @@ def run_experiment(
         if pool is None:
             session = active_session()
             pool = session.pool_for(cfg) if session is not None else None
+        if pool is not None and close_pool:
+            own_pool = pool
         if pool is None:
             pool = own_pool = ActorPool.for_config(cfg, max_actors=cfg.data.num_clients)
     else:
@@ -53,6 +57,8 @@ def run_experiment(
             # Ray starts in this thread (its driver must) while another loads the data and builds the strategy
             fed, spec = _overlapped(lambda: pool.start(cfg.to_json()), lambda: _prepare(cfg, build_strategy))
         else:
+            if pool is not None:
+                pool.warm(cfg.to_json())  # the actors load the data while this thread does
             fed, spec = _prepare(cfg, build_strategy)
         recorder = RunRecorder(new_run_dir(cfg, out) if write else None)
     except BaseException:

@@ -417,6 +417,10 @@ class FastGrid(LocalGrid):
                 if not self._queue or len(s.inflight) > depth:
                     continue
                 first = self._pending[self._queue[0]]
+                # A suspect runs alone on an idle actor, nothing queued behind it: if that actor dies, the
+                # suspect did it (an actor that exits may take the not yet sent reply of its previous call along).
+                if (first.suspect and s.inflight) or (s.inflight and s.inflight[0].suspect):
+                    continue
                 size = 1 if first.suspect else self._batch_size(len(ready))
                 mids = []
                 while self._queue and len(mids) < size and not (mids and self._pending[self._queue[0]].suspect):
@@ -624,6 +628,33 @@ def run_flower_simulation(cfg, run_server_fn) -> None:
     if "result" not in box:
         raise RuntimeError(f"Flower's simulation ended after {time.perf_counter() - t:.1f}s without running the ServerApp")
     return box["result"]
+
+
+def early_pool(config_path, overrides) -> ActorPool | None:
+    """A pool to start while the config is still being validated (``fedkd run``): read from the TOML and the
+    overrides without validation; None unless the experiment would start a local Ray for the fast path."""
+    import tomllib
+
+    from fedkd.config import parse_value
+
+    raw: dict = {}
+    if active_session() is not None:
+        return None
+    try:
+        if config_path:
+            raw = tomllib.loads(open(config_path).read())
+        for item in overrides:
+            key, eq, value = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if eq and dot:
+                raw.setdefault(section, {})[name] = parse_value(value.strip())
+        sim, run = raw.get("simulation", {}), raw.get("run", {})
+        if sim.get("backend", "fast") != "fast" or sim.get("ray_address", ""):
+            return None
+        return ActorPool(num_actors=int(sim.get("num_actors", 0)), device=str(run.get("device", "auto")), gpus_per_actor=float(sim.get("gpus_per_actor", 0.0)),
+                         max_actors=int(raw.get("data", {}).get("num_clients", 10)))
+    except Exception:  # anything odd: no head start; validation reports it
+        return None
 
 
 # -- sessions: one Ray start for many experiments
