@@ -39,6 +39,7 @@ from . import config  # noqa: E402,F401  (the [attack] config section)
 from . import dlg, idlg, ig, dia  # noqa: E402,F401  (register the attacks)
 from . import hyperfl_inversion  # noqa: E402,F401  (hyperfl-ig, hyperfl-dia, hyperfl-rank1 and HyperFL observations)
 from . import recorder  # noqa: E402,F401  (records observations when attack.rounds/clients are set)
+from . import federations  # noqa: E402,F401  (every round's global model for membership inference; [membership])
 from .gradients import Reconstruction  # noqa: E402
 from .observation import KnownTraining, Observation, ObservationError, load_observations  # noqa: E402
 

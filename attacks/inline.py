@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from flwr.app import Message
+from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -21,11 +21,28 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedkd.simulation import CLIENT_APP, NODE_ID_BASE, ClientHost, LocalGrid, node_config
 
 
+class NodeHost:
+    """A ClientHost serving a fixed set of nodes in this process, their Contexts held here (the
+    simulation's driver-side contract: each message travels with its node's Context)."""
+
+    def __init__(self, nodes: dict[int, dict], run_id: int = 1, threads: int | None = None) -> None:
+        self.host = ClientHost(CLIENT_APP, threads=threads or torch.get_num_threads())
+        self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=conf, state=RecordDict(), run_config={})
+                         for nid, conf in nodes.items()}
+
+    def handle(self, messages: list[Message]) -> list[Message]:
+        done = self.host.handle(0, [(m, self.contexts[m.metadata.dst_node_id]) for m in messages])
+        for m, (_, state) in zip(messages, done):
+            if state is not None:
+                self.contexts[m.metadata.dst_node_id].state = state
+        return [reply for reply, _ in done]
+
+
 class InlineGrid(LocalGrid):
     def __init__(self, num_nodes: int, run_id: int = 1) -> None:
         self.node_ids = [NODE_ID_BASE + i for i in range(num_nodes)]
         nodes = {nid: node_config(i, num_nodes) for i, nid in enumerate(self.node_ids)}
-        self.host = ClientHost(CLIENT_APP, nodes, run_id, threads=torch.get_num_threads())
+        self.host = NodeHost(nodes, run_id)
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
         self._run = Run.create_empty(run_id)
         self._done: dict[str, Message] = {}

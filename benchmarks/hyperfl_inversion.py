@@ -41,9 +41,10 @@ from fedkd.models import build_model
 from fedkd.training import train
 
 
-def run(images, warms, steps, restarts, seed, echo=print) -> pd.DataFrame:
+def run(images, warms, steps, restarts, seed, echo=print, data: DataConfig | None = None) -> pd.DataFrame:
+    """``data``: the dataset the images come from (default sklearn's digits); client 0's training images."""
     hp = load_config(None, []).hyperfl
-    fed = load_federation(DataConfig(partitioner="iid", num_clients=2), 0)
+    fed = load_federation(data or DataConfig(partitioner="iid", num_clients=2), 0)
     data, mean = fed.clients[0].train, fed.server_test.x.mean(0)
     pool = data.take(list(range(40, 240)))
     rows = []

@@ -9,6 +9,9 @@ Every private run is calibrated by its own accountant to the same (epsilon, delt
 - ``dp-sgd``: Opacus' noise multiplier for each client's local DP-SGD over all rounds.
 The privacy units differ (see the README): RQM and DP-FedAvg protect a client's whole update
 (RQM and PBM without trusting the server, DP-FedAvg with a trusted server), DP-SGD one training record.
+Each row carries the run's unit, neighbouring relation and trust model from summary.json; bytes up
+count every record a client sends (arrays and metrics). All noise comes from OS entropy, so a rerun
+gives a different draw (one run per row: single draws).
 
     python benchmarks/privacy_utility.py --quick            # digits (see below for the time it takes)
     python benchmarks/privacy_utility.py --mnist            # MNIST from ../shared/data/mnist when present
@@ -106,9 +109,11 @@ def main(argv=None) -> int:
         rounds = max(s["rounds_completed"], 1)
         row = {
             "dataset": dataset, "mechanism": mech, "target_epsilon": eps, "epsilon": s.get("epsilon"),
-            "delta": s.get("delta"), "privacy_unit": s.get("privacy_unit"), "accuracy": s["accuracy"],
+            "delta": s.get("delta"), "privacy_unit": s.get("privacy_unit"), "relation": s.get("privacy_relation"),
+            "trust_model": s.get("privacy_trust_model"), "noise_source": s.get("privacy_noise_source"), "accuracy": s["accuracy"],
             "bits_per_coordinate": s.get("bits_per_coordinate", 32),
-            "bytes_up_per_round": s["bytes_up"] / rounds,
+            "bytes_up_per_round": s["bytes_up"] / rounds,  # every record a client sends (arrays + metrics)
+            "bytes_up_arrays_per_round": s.get("bytes_up_arrays", s["bytes_up"]) / rounds,
             "extend": (s.get("rqm") or {}).get("extend"), "theta": (s.get("pbm") or {}).get("theta"),
             "noise_multiplier": s.get("noise_multiplier"),
             "wall_s": round(time.perf_counter() - t0, 1),
@@ -156,14 +161,14 @@ def plot(rows, path, dataset) -> None:
 
 
 def table(rows) -> str:
-    lines = ["| mechanism | privacy unit | target eps | reported eps | accuracy | bits/coord | bytes up/round | setting |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mechanism | unit | relation | trust model | target eps | reported eps | accuracy | bits/coord | bytes up/round | setting |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         setting = (f"extend={r['extend']:.3g}" if r["extend"] else f"theta={r['theta']:.3g}" if r["theta"]
                    else f"sigma={r['noise_multiplier']:.3g}" if r["noise_multiplier"] else "")
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         tgt = "-" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
-        lines.append(f"| {r['mechanism']} | {r['privacy_unit'] or '-'} | {tgt} | {eps} | {r['accuracy']:.4f} | {r['bits_per_coordinate']} | {r['bytes_up_per_round']:.0f} | {setting} |")
+        lines.append(f"| {r['mechanism']} | {r['privacy_unit'] or '-'} | {r.get('relation') or '-'} | {r.get('trust_model') or '-'} | {tgt} | {eps} | {r['accuracy']:.4f} | {r['bits_per_coordinate']} | {r['bytes_up_per_round']:.0f} | {setting} |")
     return "\n".join(lines)
 
 

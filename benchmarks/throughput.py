@@ -17,13 +17,24 @@ IID (Dirichlet(0.5) cannot give 100+ clients samples of every kind from 1,437 di
 Round time = from the end of the round-0 (central) evaluation to the end of the last round, the
 same definition for all three. Process start-up (Ray, imports) is reported separately as total_s.
 Prints a table and writes a CSV (``--csv``).
+
+    python benchmarks/throughput.py --whole --repeat 3 [--set key=value ...]
+
+``--whole`` times whole commands instead, each in a fresh process (imports, Ray, data, rounds,
+shut-down), alternating so that a change in the machine's load hits both: ``fedkd run`` on the
+default experiment (client evaluation every round, central evaluation) against the same experiment
+as a plain Flower app (``python benchmarks/vanilla_flower.py``: same training, evaluation and
+FedAvg). Reports each run, the medians and fedkd/vanilla (time).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,6 +95,38 @@ def run_fedkd(cfg) -> float:
     return float(summary["rounds_wall_s"])
 
 
+def run_whole(repeat: int, sets: list[str], csv: str) -> int:
+    here = Path(__file__).resolve().parent
+    commands = {
+        "fedkd": lambda tmp, i: [sys.executable, "-m", "fedkd", "run", "--no-progress", "--out", str(Path(tmp) / f"run-{i}"), *[a for kv in sets for a in ("--set", kv)]],
+        "vanilla": lambda tmp, i: [sys.executable, str(here / "vanilla_flower.py"), *sets],
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeat):
+            for name, cmd in commands.items():
+                t = time.perf_counter()
+                proc = subprocess.run(cmd(tmp, i), capture_output=True, text=True)
+                wall = time.perf_counter() - t
+                if proc.returncode != 0:
+                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"{name} failed (exit {proc.returncode})")
+                load = os.getloadavg()[0]
+                rows.append({"command": name, "repeat": i, "whole_s": wall, "load_1min": load})
+                print(f"{name:>8} #{i}: {wall:7.2f} s (load {load:.1f})", flush=True)
+    df = pd.DataFrame(rows)
+    med = df.groupby("command")["whole_s"].median()
+    ratio = med["fedkd"] / med["vanilla"]
+    print(f"\nmedian whole command: fedkd {med['fedkd']:.2f} s, vanilla Flower {med['vanilla']:.2f} s, fedkd/vanilla (time) {ratio:.2f}")
+    pairs = df.pivot(index="repeat", columns="command", values="whole_s")
+    print("per repeat fedkd/vanilla: " + ", ".join(f"{r:.2f}" for r in pairs["fedkd"] / pairs["vanilla"]))
+    df["fedkd/vanilla (median time)"] = ratio
+    Path(csv).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(csv, index=False)
+    print(f"wrote {csv}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=10)
@@ -91,8 +134,14 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="4 clients x 3 rounds x 1 epoch")
     ap.add_argument("--skip", action="append", default=[], choices=["floor", "vanilla", "fedkd"])
-    ap.add_argument("--csv", default="runs/benchmarks/throughput.csv")
+    ap.add_argument("--csv", default=None, help="default: runs/benchmarks/throughput.csv (whole: throughput_whole.csv)")
+    ap.add_argument("--whole", action="store_true", help="time whole commands: fedkd run vs a plain Flower app")
+    ap.add_argument("--repeat", type=int, default=3, help="--whole: runs of each command (alternating)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="--whole: override for both commands")
     args = ap.parse_args(argv)
+    if args.whole:
+        return run_whole(args.repeat, args.sets, args.csv or "runs/benchmarks/throughput_whole.csv")
+    args.csv = args.csv or "runs/benchmarks/throughput.csv"
     if args.quick:
         args.clients, args.rounds, args.epochs = 4, 3, 1
     cfg = workload(args.clients, args.rounds, args.epochs)

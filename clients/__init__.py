@@ -21,6 +21,8 @@ MODS: list = []
 from . import weights  # noqa: E402,F401  (registers "weights")
 from . import local, fd, fedmd  # noqa: E402,F401  (registers "local", "fd", "fedmd")
 from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
+from . import fedlgd  # noqa: E402,F401  (registers "fedlgd")
+from . import hyperfl, pfedhn  # noqa: E402,F401  (registers "hyperfl", "pfedhn", "pfedhn-pc")
 
 from . import rqm  # noqa: E402,F401  (appends the RQM client mod to MODS)
 

@@ -11,7 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedkd import keys
 from fedkd.config import ExperimentConfig, config_from_json
-from fedkd.data import ClientData, Federation, load_federation
+from fedkd.data import ClientData, Federation
+from fedkd.deploy.cache import node_federation
 from fedkd.training import resolve_device
 
 
@@ -37,9 +38,16 @@ class ClientEnv:
         return self.cfg.model.for_partition(self.partition_id)
 
     def seed(self, *salt: int) -> int:
-        """A seed that differs per run seed, round, client and ``salt`` and is stable across processes."""
+        """A PUBLIC seed that differs per run seed, round, client and ``salt`` and is stable across
+        processes: the server can compute it. Never use it for noise, sampling, shuffles or dropout."""
         key = ",".join(str(v) for v in (self.cfg.run.seed, self.server_round, self.partition_id, *salt))
         return zlib.crc32(key.encode())
+
+    def noise_seed(self, *salt: int) -> int | None:
+        """The seed of private randomness (noise, quantization draws, sampling, shuffles, dropout):
+        None = OS entropy (:mod:`fedkd.privacy.entropy`); the public :meth:`seed` only when the
+        experiment sets ``privacy.reproducible_noise`` (debugging; the run then has no guarantee)."""
+        return self.seed(*salt) if self.cfg.privacy.reproducible_noise else None
 
 
 # (msg, env) -> env, applied in order by client_env (e.g. the attacks' single-batch threat setting).
@@ -50,7 +58,7 @@ def client_env(msg: Message, context: Context) -> ClientEnv:
     conf = msg.content[keys.CONFIG]
     cfg = _config(str(conf[keys.EXPERIMENT]))
     pid = int(context.node_config[keys.NODE_PARTITION_ID])
-    fed = load_federation(cfg.data, cfg.run.seed)
+    fed = node_federation(cfg.data, cfg.run.seed)  # load_federation, through the node's cache in a deployment
     if not 0 <= pid < fed.num_clients:
         raise ValueError(f"partition-id {pid} outside the federation's {fed.num_clients} partitions")
     env = ClientEnv(cfg, pid, int(conf.get(keys.SERVER_ROUND, 0)), fed, resolve_device(cfg.run.device))

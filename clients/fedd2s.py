@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from torch import nn
-from torch.nn import functional as F
 
 from fedkd import keys
 from fedkd.models import model_from_config
-from fedkd.training import evaluate
+from fedkd.training import evaluate, train
 
 from . import CLIENTS
 from .base import ClientEnv, ClientLogic, reply
@@ -70,30 +69,18 @@ def representations(model: nn.Sequential, x: torch.Tensor, depths: list[int]) ->
     return feats, h
 
 
-def kd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None, *, epochs: int,
-             batch_size: int, lr: float, momentum: float, weight_decay: float, beta: float, temperature: float,
-             seed: int) -> tuple[float, float]:
-    """SGD on CE + beta * T^2 KL(teacher || student). Returns (mean CE, accuracy) over all steps."""
+def kd_train(model: nn.Module, data, soft: torch.Tensor | None, *, epochs: int, batch_size: int, lr: float,
+             momentum: float, weight_decay: float, beta: float, temperature: float, device, seed: int | None = None) -> tuple[float, float]:
+    """CE + beta * T^2 KL(teacher || student) through the shared training loop (the teacher of each
+    sample is its soft label, indexed by the sample's position). Returns (mean CE, accuracy)."""
     from fedkd.strategies.feddf import distill_kl
 
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    n, total, correct, seen = len(y), 0.0, 0, 0
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g).to(x.device)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            out = model(x[idx])  # (B, K)
-            ce = F.cross_entropy(out, y[idx])
-            loss = ce + (beta * distill_kl(out, soft[idx], temperature) if soft is not None else 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += ce.item() * len(idx)
-            correct += (out.argmax(1) == y[idx]).sum().item()
-            seen += len(idx)
-    return total / max(seen, 1), correct / max(seen, 1)
+    terms = {}
+    if soft is not None:
+        terms["distill"] = lambda b: beta * distill_kl(b.out, soft[b.idx], temperature)
+    res = train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                weight_decay=weight_decay, device=device, seed=seed, loss_terms=terms)
+    return res.loss, res.accuracy
 
 
 @CLIENTS.register("fedd2s")
@@ -118,9 +105,9 @@ class FedD2SClient(ClientLogic):
             if soft.shape != (len(y), env.federation.num_classes):
                 raise ValueError(f"soft labels of shape {soft.shape} for {len(y)} samples")
             soft = torch.from_numpy(np.ascontiguousarray(soft)).float().to(env.device)
-        loss, acc = kd_train(model, x, y, soft, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+        loss, acc = kd_train(model, data, soft, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                              momentum=t.momentum, weight_decay=t.weight_decay, beta=hp.beta,
-                             temperature=hp.temperature, seed=env.seed())
+                             temperature=hp.temperature, device=env.device, seed=env.noise_seed())
         model.eval()
         drops = int(msg.content[keys.CONFIG].get(keys.FEDD2S_DROPS, 0))
         depths = shared_depths(len(cut_points(model)), drops, hp.keep_layers)

@@ -1,6 +1,10 @@
 """FedMD client (Li & Wang 2019): transfer-learning start, then per round score / digest / revisit.
 
-See ``strategies/fedmd.py`` for the protocol. The client works on ``fedmd_data``'s federation (the
+See ``strategies/fedmd.py`` for the protocol. Every training goes through the shared loop
+(``fedkd.training.train``) with private randomness. Under ``privacy.mechanism = "dp-sgd"`` every
+training on private records (the transfer-learning start's private epochs and each revisit) is
+DP-SGD, composed in one accountant per client; the scores sent up are the DP model's outputs on
+public data (post-processing), so the record-level guarantee covers them. The client works on ``fedmd_data``'s federation (the
 public split held out before partitioning), so its private data never contains public samples.
 """
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from torch import nn
@@ -15,32 +20,31 @@ from torch.nn import functional as F
 
 from fedkd import keys
 from fedkd.strategies.fedmd import DIGEST, SCORE, alignment_indices, fedmd_data
-from fedkd.training import predict_logits, train
+from fedkd.data import ArrayDataset
+from fedkd.training import history_epsilon, predict_logits, train
 
 from . import CLIENTS
 from .base import ClientEnv, reply
-from .personal import PersonalClient, init_seed, personal_metrics
+from .personal import PersonalClient, personal_metrics
+from .weights import dp_settings, load_dp_history, train_private
 
 
-def digest(model: nn.Module, x, consensus, *, epochs: int, batch_size: int, lr: float, momentum: float, device, seed: int) -> float:
-    """Train ``model`` so its logits on ``x`` (A, C, H, W) approach ``consensus`` (A, K): mean L1 loss."""
-    device = torch.device(device)
-    model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    xt, ct = torch.as_tensor(x).to(device), torch.as_tensor(consensus).to(device)
-    g = torch.Generator().manual_seed(seed)
-    total, seen = 0.0, 0
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=g).to(device)
-        for start in range(0, len(xt), batch_size):
-            idx = perm[start : start + batch_size]
-            loss = F.l1_loss(model(xt[idx]), ct[idx])  # (B, K) vs (B, K)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-    return total / max(seen, 1)
+def private_run_epochs(cfg) -> int:
+    """Epochs over a FedMD client's private records in the whole run: its transfer-learning start
+    plus a revisit every round (what DP-SGD's target epsilon is calibrated over)."""
+    hp = cfg.fedmd
+    return hp.private_epochs + cfg.run.rounds * hp.revisit_epochs
+
+
+def digest(model: nn.Module, x, consensus, *, epochs: int, batch_size: int, lr: float, momentum: float, device, seed: int | None = None) -> float:
+    """Train ``model`` so its logits on ``x`` (A, C, H, W) approach ``consensus`` (A, K): mean L1 loss
+    (the shared training loop with the L1 term only; public data, so no DP is needed)."""
+    xt = np.asarray(x, dtype=np.float32)
+    ct = torch.as_tensor(np.asarray(consensus, dtype=np.float32)).to(torch.device(device))
+    data = ArrayDataset(xt, np.zeros(len(xt), np.int64), int(ct.shape[1]))  # labels unused (ce_weight 0)
+    res = train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, device=device, seed=seed,
+                loss_terms={"digest": lambda b: F.l1_loss(b.out, ct[b.idx])}, ce_weight=0.0)
+    return res.extra["digest"]
 
 
 @CLIENTS.register("fedmd")
@@ -49,18 +53,20 @@ class FedMDClient(PersonalClient):
         fed, self.public = fedmd_data(env.cfg)
         return dataclasses.replace(env, federation=fed)
 
-    def _fit(self, model, data, epochs: int, env: ClientEnv, seed: int):
-        t = env.cfg.train
-        return train(model, data, epochs=epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, device=env.device, seed=seed)
+    def _fit(self, model, data, epochs: int, env: ClientEnv, context: Context, salt: int, private: bool):
+        """Train on ``data``: with DP-SGD when the records are private and the experiment says dp-sgd
+        (public data needs none); the accountant composes over the start and every revisit."""
+        dp = dp_settings(env, context, private_run_epochs(env.cfg)) if private else None
+        return train_private(model, data, env, context, epochs=epochs, dp=dp, salt=salt)
 
     def new_model(self, env: ClientEnv, context: Context) -> nn.Module:
         """Transfer-learning start: public data first, then private data."""
         model = super().new_model(env, context)
         hp = env.cfg.fedmd
         if hp.public_epochs:
-            self._fit(model, self.public, hp.public_epochs, env, init_seed(env) + 1)
+            self._fit(model, self.public, hp.public_epochs, env, context, 1, private=False)
         if hp.private_epochs:
-            self._fit(model, env.data.train, hp.private_epochs, env, init_seed(env) + 2)
+            self._fit(model, env.data.train, hp.private_epochs, env, context, 2, private=True)
         return model
 
     def train(self, msg: Message, context: Context, env: ClientEnv) -> Message:
@@ -81,10 +87,13 @@ class FedMDClient(PersonalClient):
         consensus = msg.content[keys.ARRAYS][keys.LOGITS].numpy()  # (A, K)
         t = env.cfg.train
         dl = digest(model, x_align, consensus, epochs=hp.digest_epochs, batch_size=hp.digest_batch_size,
-                    lr=t.lr, momentum=t.momentum, device=env.device, seed=env.seed(1))
-        res = self._fit(model, env.data.train, hp.revisit_epochs, env, env.seed(2)) if hp.revisit_epochs else None
+                    lr=t.lr, momentum=t.momentum, device=env.device, seed=env.noise_seed(1))
+        res = self._fit(model, env.data.train, hp.revisit_epochs, env, context, 3, private=True) if hp.revisit_epochs else None
         self.save(context, model)
         metrics = {keys.NUM_EXAMPLES: len(env.data.train), "digest_loss": dl}
         if res is not None:
             metrics.update({keys.LOSS: res.loss, keys.ACCURACY: res.accuracy})
+        if env.cfg.privacy.mechanism == "dp-sgd":
+            history = load_dp_history(context)
+            metrics[keys.EPSILON] = float(history_epsilon(history, env.cfg.privacy.delta)) if history else 0.0
         return reply(msg, env, metrics)

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedkd import keys
 from fedkd.privacy import pbm, rqm
+from fedkd.privacy.entropy import torch_generator
 
 from . import MODS
 from .base import _config, client_env
@@ -37,9 +38,10 @@ def codec(cfg, conf):
     return rqm.RQMParams(p.clip, float(conf.get(keys.RQM_EXTEND, p.extend)), p.levels, p.keep_prob)
 
 
-def quantize_update(global_arrays: dict[str, np.ndarray], trained: ArrayRecord, params, seed: int) -> tuple[ArrayRecord, int]:
-    """Symbols (level indices / counts) of (trained - global) per float array, and the number of coordinates."""
-    gen = torch.Generator().manual_seed(seed)
+def quantize_update(global_arrays: dict[str, np.ndarray], trained: ArrayRecord, params, seed: int | None = None) -> tuple[ArrayRecord, int]:
+    """Symbols (level indices / counts) of (trained - global) per float array, and the number of coordinates.
+    The draws come from OS entropy (``seed=None``); a seed only for tests and ``privacy.reproducible_noise``."""
+    gen = torch_generator("cpu", seed)
     dtype = params.wire_dtype()
     out, coords = {}, 0
     for name, arr in trained.items():
@@ -69,7 +71,7 @@ def rqm_mod(msg: Message, context: Context, call_next) -> Message:
     if reply.has_error():
         return reply
     env = client_env(msg, context)
-    record, coords = quantize_update(global_arrays, reply.content[keys.ARRAYS], params, env.seed(0x52514D))
+    record, coords = quantize_update(global_arrays, reply.content[keys.ARRAYS], params, env.noise_seed(0x52514D))
     reply.content[keys.ARRAYS] = record
 
     # Local accounting: this client's released updates so far (RDP adds up over rounds and coordinates).

@@ -14,37 +14,62 @@ import shlex
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd import keys
-from fedkd.config import ConfigError, flat_overrides, load_config, load_plugins
 
-load_plugins()
-
-from fedkd.clients import CLIENTS, MODS, client_env  # noqa: E402
-
-client_app = ClientApp(mods=MODS)
+# Imports are lazy: in a deployment every message starts a fresh ClientApp process that imports this module,
+# so it pulls in only Flower here and the client side (fedkd.clients, its mods, the config sections) on the
+# first message. The ServerApp's imports happen in its main.
 
 
-def _logic(msg: Message):
+def _client_mods(msg: Message, context: Context, call_next) -> Message:
+    """fedkd.clients.MODS (privacy mods, fault injection), imported when the first message arrives.
+
+    Applied in Flower's order: MODS[0] is outermost (sees the message first and the reply last)."""
+    from fedkd.clients import MODS
+
+    handler = call_next
+    for mod in reversed(MODS):
+        handler = (lambda m, nxt: lambda message, ctx: m(message, ctx, nxt))(mod, handler)
+    return handler(msg, context)
+
+
+client_app = ClientApp(mods=[_client_mods])
+
+
+def _logic_env(msg: Message, context: Context):
+    from fedkd.clients import CLIENTS, client_env
+
     name = str(msg.content[keys.CONFIG].get(keys.CLIENT_LOGIC, "weights"))
-    return CLIENTS.get(name)()
+    return CLIENTS.get(name)(), client_env(msg, context)
 
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
-    return _logic(msg).train(msg, context, client_env(msg, context))
+    logic, env = _logic_env(msg, context)
+    evaluated = None
+    if msg.content[keys.CONFIG].get(keys.EVALUATE_RECEIVED, False):
+        # rounds of one exchange (fedkd.deploy.one_exchange): evaluate the received model before training it
+        evaluated = logic.evaluate(msg, context, env).content[keys.METRICS]
+    out = logic.train(msg, context, env)
+    if evaluated is not None and out.has_content():
+        out.content[keys.RECEIVED_EVALUATION] = ConfigRecord(dict(evaluated))
+    return out
 
 
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
-    return _logic(msg).evaluate(msg, context, client_env(msg, context))
+    logic, env = _logic_env(msg, context)
+    return logic.evaluate(msg, context, env)
 
 
 def config_from_run_config(run_config: dict, app_dir: str | Path | None = None):
     """The experiment named by a Flower run config (``config`` path + dotted overrides)."""
+    from fedkd.config import flat_overrides, load_config
+
     path = run_config.get("config")
     if path:
         p = Path(str(path))
@@ -72,8 +97,12 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
+    from fedkd.config import ConfigError
+    from fedkd.deploy.grid import PollingGrid
+    from fedkd.deploy.one_exchange import OneExchange, allowed
     from fedkd.results import RunRecorder, write_summary
     from fedkd.server import new_run_dir, run_server, summarize
+    from fedkd.strategies import build_strategy
 
     t0 = time.perf_counter()
     # Under `flwr run` the ServerApp talks to a SuperLink over HTTP ("deployment"; a SuperLink started with
@@ -86,12 +115,29 @@ def _server_main(grid: Grid, context: Context) -> None:
     out = context.run_config.get("out")
     recorder = RunRecorder(new_run_dir(cfg, str(out) if out else None))
     print(f"fedkd: run directory {recorder.out_dir}", flush=True)
+    exchanges = 2 if cfg.strategy.fraction_evaluate > 0 else 1
     try:
-        run_server(grid, cfg, recorder, progress=False, echo=lambda s: print(s, flush=True))
+        spec = None
+        if runtime == "deployment":
+            grid = PollingGrid(grid, cfg.deploy.pull_interval)  # Flower's deployed Grid pulls replies every 3 s
+        if cfg.deploy.one_exchange != "off":
+            from fedkd.data import load_federation
+            from fedkd.server import seed_everything
+
+            seed_everything(cfg.run.seed)  # as run_server does before it builds the strategy
+            spec = build_strategy(cfg, load_federation(cfg.data, cfg.run.seed))
+            ok, why = allowed(cfg, spec.client)
+            if ok:
+                record = lambda rnd, who, metrics: recorder.add_many(rnd, who, "test", metrics)  # noqa: E731
+                spec.strategy, exchanges = OneExchange(spec.strategy, cfg.run.rounds, record), 1
+            elif cfg.deploy.one_exchange == "on":
+                raise SystemExit(f"fedkd: deploy.one_exchange: 'on' is not valid here: {why}")
+        print(f"fedkd: {exchanges} exchange(s) per round" + (" (and one evaluate exchange after the last)" if exchanges == 1 and cfg.strategy.fraction_evaluate > 0 else ""), flush=True)
+        run_server(grid, cfg, recorder, spec=spec, progress=False, echo=lambda s: print(s, flush=True))
     except BaseException as e:
         failed = summarize(cfg, recorder, t0, status="failed", error=f"{type(e).__name__}: {e}")
         write_summary(recorder.out_dir, {**failed, "backend": runtime})
         raise
     summary = summarize(cfg, recorder, t0)
-    summary = write_summary(recorder.out_dir, {**summary, "backend": runtime})
+    summary = write_summary(recorder.out_dir, {**summary, "backend": runtime, "exchanges_per_round": exchanges})
     print(f"fedkd: accuracy {summary['accuracy']:.4f}, summary in {recorder.out_dir / 'summary.json'}", flush=True)

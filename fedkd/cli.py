@@ -2,6 +2,7 @@
 
     fedkd run [CONFIG] [--set section.key=value ...] [--out DIR]
     fedkd report RUN_DIR
+    fedkd sweep [CONFIG] --grid section.key=v1,v2 [--set ...] [--out DIR]   (fedkd/sweep.py)
 
 Bad configuration ends with one line on stderr naming the key, exit code 2, and no run directory.
 Other subcommands (privacy, attack, deploy) register themselves through ``COMMANDS``.
@@ -77,12 +78,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: dict) -> None:
-    keys = ["status", "strategy", "dataset", "rounds", "accuracy", "loss", "personal_accuracy_mean", "personal_global_accuracy_mean", "wall_s", "rounds_wall_s", "bytes_up", "bytes_down", "privacy_mechanism", "epsilon", "delta", "run_dir"]
+    keys = ["status", "strategy", "dataset", "rounds", "accuracy", "loss", "personal_accuracy_mean", "personal_global_accuracy_mean", "wall_s", "rounds_wall_s", "bytes_up", "bytes_down", "privacy_mechanism", "epsilon", "delta", "privacy_unit", "privacy_relation", "privacy_trust_model", "privacy_guarantee", "privacy_noise_source", "privacy_outside_guarantee", "epsilon_hypothetical_secure_aggregation", "run_dir"]
     print("\nsummary")
     for k in keys:
         if k in summary:
             v = summary[k]
-            print(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
+            print(f"  {k:<18} {v:.4g}" if isinstance(v, float) and 0 < abs(v) < 1e-3 else f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
     if summary.get("failures"):
         print(f"  failures           {json.dumps(summary['failures'][:3])}")
 
@@ -102,7 +103,7 @@ def _load_commands() -> None:
     """Subcommands defined by other packages register on import."""
     import importlib
 
-    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli"):
+    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli", "fedkd.sweep", "fedkd.privacy.audit_cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -8,14 +8,14 @@ Sections and keys (defaults = the default experiment)::
     [run]        name, seed, rounds, device ("auto" | "cpu" | "cuda" | "cuda:N"), out_dir
     [data]       dataset, data_dir, num_clients, partitioner, alpha, classes_per_client,
                  min_partition_size, client_test_fraction, server_test_fraction, max_samples,
-                 num_subjects, records_per_subject, subjects_per_client, subject_separation,
+                 num_subjects, records_per_subject, subjects_per_client, clients_per_subject, subject_separation,
                  domains, domain_alpha (feature-shift domains)
     [model]      name (a name or a list of names, assigned by partition id modulo its length),
                  hidden, dropout
     [train]      local_epochs, batch_size, lr, momentum, weight_decay
     [strategy]   name, fraction_train, fraction_evaluate, proximal_mu
     [privacy]    mechanism, noise_multiplier, target_epsilon, max_grad_norm, delta,
-                 clip, extend, levels, keep_prob (rqm), theta, trials (pbm)
+                 clip, extend, levels, keep_prob (rqm), theta, trials (pbm), reproducible_noise
     [simulation] backend ("fast" | "flower"), ray_address, num_actors
 
 Other modules add their own sections with :func:`register_section` (one frozen dataclass each,
@@ -77,6 +77,7 @@ class DataConfig:
     num_subjects: int = 40
     records_per_subject: int = 60
     subjects_per_client: int = 4
+    clients_per_subject: int = 2  # each member subject's records are spread over this many clients
     subject_separation: float = 1.0
     # feature-shift domains (digits-domains, mnist-domains; fedkd/data/domains.py)
     domains: tuple[str, ...] = ("gray", "inverted", "rotated", "noisy", "blurred", "colored")
@@ -112,7 +113,7 @@ class DataConfig:
             v = getattr(self, key)
             _require(0.0 <= v < 1.0, f"data.{key}", f"must be in [0, 1) (got {v})")
         _require(self.max_samples >= 0, "data.max_samples", f"must be >= 0 (got {self.max_samples})")
-        for key in ("num_subjects", "records_per_subject", "subjects_per_client"):
+        for key in ("num_subjects", "records_per_subject", "subjects_per_client", "clients_per_subject"):
             v = getattr(self, key)
             _require(v >= 1, f"data.{key}", f"must be >= 1 (got {v})")
         _require(
@@ -120,6 +121,12 @@ class DataConfig:
             "data.subject_separation",
             f"must be >= 0 (got {self.subject_separation})",
         )
+        if self.dataset == "synthetic-subjects":
+            from fedkd.data.synthetic import check_shape
+
+            problem = check_shape(self.num_subjects, self.num_clients, self.subjects_per_client, self.clients_per_subject)
+            if problem is not None:
+                raise ConfigError(*problem)
         _require(len(self.domains) >= 1, "data.domains", f"must name at least one domain; valid: {', '.join(DOMAINS)}")
         for d in self.domains:
             _require(d in DOMAINS, "data.domains", _one_of(d, list(DOMAINS)))
@@ -215,7 +222,7 @@ class StrategyConfig:
         _require(self.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {self.proximal_mu})")
 
 
-PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian", "pbm")
+PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian", "pbm", "subject-dp")
 
 
 @dataclass(frozen=True)
@@ -233,6 +240,8 @@ class PrivacyConfig:
     # pbm (fedkd/privacy/pbm.py), shares clip
     theta: float = 0.25
     trials: int = 15
+    # debugging only: draw every mechanism's noise from run.seed (no guarantee; summary.json says so, epsilon null)
+    reproducible_noise: bool = False
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(
@@ -266,6 +275,15 @@ class PrivacyConfig:
                 "privacy.noise_multiplier",
                 "gaussian needs exactly one of privacy.noise_multiplier and privacy.target_epsilon",
             )
+        from fedkd.strategies import STRATEGIES
+
+        if cfg.strategy.name in STRATEGIES:
+            supported = STRATEGIES.get(cfg.strategy.name).mechanisms
+            _require(
+                self.mechanism in supported,
+                "privacy.mechanism",
+                f"{self.mechanism!r} is not supported by strategy {cfg.strategy.name!r} (supported: {', '.join(supported)})",
+            )
         from fedkd.privacy.rqm import check_params
 
         check_params(self.clip, self.extend, self.levels, self.keep_prob)
@@ -282,6 +300,7 @@ class SimulationConfig:
     backend: str = "fast"
     ray_address: str = ""
     num_actors: int = 0  # 0 = one per CPU (at most one per client)
+    gpus_per_actor: float = 0.0  # with run.device = "cuda": GPU share each actor asks Ray for (0 = the GPUs split evenly)
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(
@@ -290,6 +309,7 @@ class SimulationConfig:
             _one_of(self.backend, list(SIMULATION_BACKENDS)),
         )
         _require(self.num_actors >= 0, "simulation.num_actors", f"must be >= 0 (got {self.num_actors})")
+        _require(0 <= self.gpus_per_actor < float("inf"), "simulation.gpus_per_actor", f"must be a finite number >= 0 (got {self.gpus_per_actor})")
 
 
 # Section name -> dataclass. Extended by register_section().
@@ -411,6 +431,7 @@ def load_plugins() -> None:
     import fedkd.attacks  # noqa: F401
     import fedkd.clients  # noqa: F401
     import fedkd.strategies  # noqa: F401
+    import fedkd.deploy.settings  # noqa: F401  ([deploy])
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:

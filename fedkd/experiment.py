@@ -19,19 +19,46 @@ def run_experiment(
     progress: bool = True,
     observers=None,
     echo=print,
+    pool=None,
 ) -> dict:
     """Run ``cfg`` on its simulation backend. Returns the summary (also in ``<run dir>/summary.json``).
 
     Everything that can be checked is checked before the run directory is made (the config, the
-    data and its partitioning, the strategy's own settings), so a bad experiment leaves nothing behind.
-    With ``write=False`` nothing is written at all.
+    data and its partitioning, the strategy's own settings, the actors' resources), so a bad
+    experiment leaves nothing behind. With ``write=False`` nothing is written at all.
+
+    Fast path: Ray and the actors start in the background (``pool``: a started
+    :class:`fedkd.simulation.ActorPool` to reuse; else the active :class:`fedkd.simulation.Session`'s;
+    else a pool of its own, closed at the end) while this thread loads the data and builds the strategy.
     """
     from fedkd.strategies import build_strategy
 
     t0 = time.perf_counter()
-    fed = load_federation(cfg.data, cfg.run.seed)
-    spec = build_strategy(cfg, fed)
-    recorder = RunRecorder(new_run_dir(cfg, out) if write else None)
+    own_pool = None
+    if cfg.simulation.backend == "fast":
+        from fedkd.simulation import ActorPool, active_session
+
+        if pool is None:
+            session = active_session()
+            pool = session.pool_for(cfg) if session is not None else None
+        if pool is None:
+            pool = own_pool = ActorPool.for_config(cfg, max_actors=cfg.data.num_clients)
+    else:
+        from fedkd.simulation import active_session
+
+        if active_session() is not None:  # Flower's own Ray must not find our actors holding every CPU
+            active_session().close()
+    try:
+        if pool is not None and not pool.slots:
+            # Ray starts in this thread (its driver must) while another loads the data and builds the strategy
+            fed, spec = _overlapped(lambda: pool.start(cfg.to_json()), lambda: _prepare(cfg, build_strategy))
+        else:
+            fed, spec = _prepare(cfg, build_strategy)
+        recorder = RunRecorder(new_run_dir(cfg, out) if write else None)
+    except BaseException:
+        if own_pool is not None:
+            own_pool.close()
+        raise
     if recorder.out_dir is not None:
         echo(f"run directory: {recorder.out_dir}")
     run = lambda grid: run_server(grid, cfg, recorder, spec=spec, progress=progress, observers=observers, echo=echo)  # noqa: E731
@@ -39,8 +66,12 @@ def run_experiment(
         if cfg.simulation.backend == "fast":
             from fedkd.simulation import FastGrid
 
-            with FastGrid(cfg.data.num_clients, num_actors=cfg.simulation.num_actors, ray_address=cfg.simulation.ray_address, warmup=cfg.to_json()) as grid:
-                run(grid)
+            try:
+                with FastGrid(cfg.data.num_clients, pool=pool, warmup=cfg.to_json()) as grid:
+                    run(grid)
+            finally:
+                if own_pool is not None:
+                    own_pool.close()
         else:
             from fedkd.simulation import run_flower_simulation
 
@@ -54,3 +85,31 @@ def run_experiment(
     summary = summarize(cfg, recorder, t0)
     summary["run_dir"] = str(recorder.out_dir) if recorder.out_dir else None
     return summary
+
+
+def _prepare(cfg: ExperimentConfig, build_strategy):
+    fed = load_federation(cfg.data, cfg.run.seed)
+    return fed, build_strategy(cfg, fed)
+
+
+def _overlapped(here, there):
+    """Run ``there`` in a thread while ``here`` runs in this one; ``there``'s result (its exception re-raised)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = there()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="fedkd-prepare", daemon=True)
+    t.start()
+    try:
+        here()
+    finally:
+        t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -1,8 +1,7 @@
 """Reference local updates of HyperFL and pFedHN as plain functions on tensors (no Flower).
 
-Kept small and apart on purpose: the client logics will run these procedures on fedkd's unified local training loop
-(issue 9: steps, optimiser over chosen parameters, grad-norm clipping, private entropy for shuffles). Until then they
-produce the attack tests' HyperFL observations and the pFedHN strategy tests' replies. Both follow the authors' code:
+The client logics (``clients/hyperfl.py``, ``clients/pfedhn.py``) run exactly these procedures, so the attack tests'
+HyperFL observations and a federated client's replies come from the same code. Both follow the authors' code:
 
 - :func:`hyperfl_local_update` (HyperFL ``cnn/methods/hyperfl.py``): stage 1, ``head_epochs`` epochs training only
   the head (SGD lr 0.1, momentum 0.5, wd 5e-4) on the generated body; stage 2, ``hnet_epochs`` epochs training the
@@ -15,12 +14,14 @@ produce the attack tests' HyperFL observations and the pFedHN strategy tests' re
   its own SGD (same lr, momentum and wd, not clipped) whose momentum persists across rounds (pass it back in).
 
 The ``generator`` draws the shuffles / batches: a client's privacy against the inversion attacks rests on them, so a
-client logic must seed it from private entropy (tests may seed it).
+client logic seeds it from private entropy (:func:`private_rng`; tests may seed it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import secrets
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedkd.hypernet import HyperFLModel, classifier_names
+
+
+@contextlib.contextmanager
+def private_rng(device: torch.device | str = "cpu") -> Iterator[torch.Generator]:
+    """A client's private randomness: yields a CPU ``torch.Generator`` for shuffles and private initialisations, and
+    reseeds torch's global RNG (dropout masks; CUDA's too on a CUDA ``device``) for the duration, all from OS entropy
+    (``secrets``) that the server cannot know. The global RNG state is restored afterwards (``torch.random.fork_rng``),
+    so seeded code elsewhere in the process is unaffected."""
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(secrets.randbits(63))  # CPU and every CUDA device
+        yield torch.Generator().manual_seed(secrets.randbits(63))
 
 
 @dataclass(frozen=True)
@@ -150,4 +164,4 @@ def pfedhn_inner_update(
     return PFedHNLocalResult(delta, sum(losses) / max(len(losses), 1), correct / max(seen, 1), n, moms)
 
 
-__all__ = ["HyperFLLocalResult", "PFedHNLocalResult", "hyperfl_local_update", "pfedhn_inner_update"]
+__all__ = ["HyperFLLocalResult", "PFedHNLocalResult", "hyperfl_local_update", "pfedhn_inner_update", "private_rng"]

@@ -5,12 +5,14 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NODE = "fedkd.node"  # ConfigRecord in replies: who answered (partition id, model name)
+RECEIVED_EVALUATION = "fedkd.received-evaluation"  # ConfigRecord in train replies: evaluate metrics of the received model
 
 # Keys inside the ConfigRecord sent to clients.
 EXPERIMENT = "fedkd.experiment"  # the resolved experiment config as JSON
 CLIENT_LOGIC = "fedkd.client"  # name in fedkd.clients.CLIENTS; "weights" when absent
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+EVALUATE_RECEIVED = "fedkd.evaluate-received"  # bool: evaluate the received model before training it (one-exchange rounds)
 
 # Keys inside reply MetricRecords.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
@@ -61,6 +63,7 @@ FEDLGD_LOCAL_DM = "fedlgd.local-dm"  # ConfigRecord (bool): run iterative DM wit
 STATE_FEDLGD_LOCAL = "fedlgd.local-virtual"  # Context.state ArrayRecord: the client's local virtual images, labels
 STATE_FEDLGD_GLOBAL = "fedlgd.global-virtual"  # Context.state ArrayRecord: the last global virtual data received
 STATE_FEDLGD_VERSION = "fedlgd.global-version"  # Context.state ConfigRecord: its version
+FEDLGD_RUN_DIR = "fedlgd.run-dir"  # ConfigRecord (str): the server's run directory (absolute), where clients that share its filesystem write their grids
 
 # Hypernetworks (HyperFL, pFedHN). The arrays travel under ARRAYS: HyperFL, the hypernetwork's state both ways;
 # pFedHN, the generated theta_i down and theta_new - theta_i up.

@@ -9,7 +9,7 @@
   [3x3 conv, width 128 -> instance norm as GroupNorm(128, 128) -> ReLU -> 2x2 average pooling], then one
   linear layer on the flattened features. ``forward`` returns logits like every fedkd model;
   ``embed(x)`` returns the flattened features (B, 128 * h * w) and ``embed_and_logits(x)`` both, which
-  is what the authors' ``forward`` returns.
+  is what the authors' ``forward`` returns. ``convnet-w32``: the same at width 32, for reduced settings.
 - ``hyperfl-cnn``, ``pfedhn-cnn``: the target networks of HyperFL and pFedHN (``fedkd/hypernet.py``), usable by
   any strategy (e.g. FedAvg on the same architecture as a hypernetwork run).
 
@@ -112,6 +112,12 @@ class ConvNet(nn.Module):
 @MODELS.register("convnet")
 def convnet(input_shape, num_classes: int, hidden=(), dropout: float = 0.0) -> nn.Module:
     return ConvNet(input_shape, num_classes, dropout=dropout)
+
+
+@MODELS.register("convnet-w32")
+def convnet_w32(input_shape, num_classes: int, hidden=(), dropout: float = 0.0) -> nn.Module:
+    """The same ConvNet at width 32 (about 1/13 of the compute): for reduced FedLGD settings on CPUs."""
+    return ConvNet(input_shape, num_classes, width=32, dropout=dropout)
 
 
 def build_model(name: str, input_shape, num_classes: int, hidden=None, dropout: float = 0.0) -> nn.Module:

@@ -25,6 +25,25 @@ def payload_bytes(content: RecordDict) -> int:
     return sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
 
 
+def reply_bytes(content: RecordDict) -> int:
+    """Bytes a client sends: array payload plus every metric and config value (8 bytes per number or
+    list element, UTF-8 length of strings, length of bytes, 1 per bool). Keys and framing are not counted."""
+
+    def size(v) -> int:
+        if isinstance(v, (list, tuple)):
+            return sum(size(x) for x in v)
+        if isinstance(v, bool):
+            return 1
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, bytes):
+            return len(v)
+        return 8
+
+    values = [v for rec in (*content.metric_records.values(), *content.config_records.values()) for v in rec.values()]
+    return payload_bytes(content) + sum(size(v) for v in values)
+
+
 def message_round(msg: Message) -> int | None:
     conf = msg.content.config_records.get(keys.CONFIG) if msg.has_content() else None
     if conf is not None and keys.SERVER_ROUND in conf:
@@ -93,7 +112,8 @@ class RecordingGrid(Grid):
             if r.has_error():
                 self.recorder.failures.append(f"round {self.current_round} node {r.metadata.src_node_id}: {r.error.reason}")
                 continue
-            self.recorder.bytes_up += payload_bytes(r.content)
+            self.recorder.bytes_up += reply_bytes(r.content)
+            self.recorder.bytes_up_arrays = getattr(self.recorder, "bytes_up_arrays", 0) + payload_bytes(r.content)
             node = r.content.config_records.get(keys.NODE)
             who = node[keys.PARTITION_ID] if node is not None else f"node-{r.metadata.src_node_id}"
             split = SPLIT_OF.get(r.metadata.message_type.split(".")[0], r.metadata.message_type)

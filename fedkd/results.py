@@ -13,9 +13,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a deployed ClientApp process never needs it
+    import pandas as pd
 
 COLUMNS = ["round", "node", "split", "metric", "value"]
 
@@ -75,6 +76,8 @@ class RunRecorder:
 
     # -- reading
     def frame(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.DataFrame(self.rows, columns=COLUMNS)
 
     def value(self, server_round: int, node: str, split: str, metric: str) -> float | None:
@@ -115,6 +118,8 @@ def write_summary(out_dir: Path | None, summary: dict) -> dict:
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
+    import pandas as pd
+
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():

@@ -28,10 +28,11 @@ def build_strategy(cfg, fed) -> StrategySpec:
 from . import fedavg  # noqa: E402,F401  (registers "fedavg", "fedprox")
 from . import local, fd, fedmd  # noqa: E402,F401  (registers "local", "fd", "fedmd")
 from . import feddf, fedd2s  # noqa: E402,F401  (registers "feddf", "fedd2s")
-from . import fedlgd  # noqa: E402,F401  ([fedlgd] section and hooks; "fedlgd" is registered once its client exists)
-from . import hyperfl, pfedhn  # noqa: E402,F401  (the [hyperfl] and [pfedhn] sections; strategies registered with their clients)
+from . import fedlgd  # noqa: E402,F401  (registers "fedlgd"; [fedlgd] section and hooks)
+from . import hyperfl, pfedhn  # noqa: E402,F401  (registers "hyperfl", "pfedhn", "pfedhn-pc"; [hyperfl], [pfedhn] sections)
 
 from . import rqm  # noqa: E402,F401  (PRIVACY_WRAPPERS["rqm"], summary fields of DP runs)
 from . import dp_fedavg  # noqa: E402,F401  (PRIVACY_WRAPPERS["gaussian"])
 
 __all__ = ["PRIVACY_WRAPPERS", "STRATEGIES", "build_strategy", "StrategyEntry", "StrategySpec", "central_evaluate_fn", "global_model"]
+from fedkd.privacy import subject_dp_mechanism  # noqa: E402,F401  (PRIVACY_WRAPPERS["subject-dp"], its client, [subject_dp] and [audit])

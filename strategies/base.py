@@ -33,6 +33,8 @@ class StrategyEntry:
     build: Callable[..., StrategySpec]
     heterogeneous: bool = False  # accepts clients with different architectures
     description: str = ""
+    # privacy.mechanism values this strategy runs for real; any other is refused before the run starts
+    mechanisms: tuple[str, ...] = ("none",)
 
 
 def global_model(cfg, fed: Federation) -> torch.nn.Module:

@@ -6,34 +6,80 @@ Gaussian noise of std sigma C / n to the average. That noise matches the account
 (``fedkd.privacy.gaussian``: sensitivity C on the sum) only for an unweighted mean, so this
 wrapper gives every reply the same weight before the wrapped strategy averages.
 ``privacy.noise_multiplier`` is sigma, or ``privacy.target_epsilon`` is calibrated to sigma over
-``run.rounds`` rounds.
+``run.rounds`` rounds. The noise is drawn from OS entropy, and a round with fewer replies than the
+calibrated cohort is refused (see :class:`UniformDPFedAvg`).
+
+Neighbouring relation: the cohort of n clients per round is fixed and public and one client's update
+is replaced by zeros (zero-out); the trust model is central (the server sees every clipped update).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedkd import keys
 from fedkd.privacy import gaussian
+from fedkd.privacy.entropy import numpy_generator
 
 from . import PRIVACY_WRAPPERS
 from .base import StrategySpec
 
 
+# cfg JSON -> rounds whose aggregation was refused (fewer replies than the noise was calibrated for).
+REFUSED_ROUNDS: dict[str, list[int]] = {}
+
+
 class UniformDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping wrapper with equal client weights."""
+    """Flower's server-side fixed-clipping wrapper with equal client weights, strict reply counts and
+    private noise.
+
+    - Strict: the noise std sigma C / n is calibrated for n = ``num_sampled_clients`` replies; a round
+      with fewer (or any failed reply) is not aggregated (the global model stays as it was, nothing is
+      released), never aggregated under-noised. Refused rounds are listed in summary.json.
+    - Private noise: Flower's wrapper draws from NumPy's global generator, which fedkd seeds with
+      ``run.seed``; here the noise comes from OS entropy (``fedkd.privacy.entropy``), or from
+      ``noise_seed`` and the round with ``privacy.reproducible_noise`` (debugging, no guarantee).
+    """
+
+    def __init__(self, *args, noise_seed: int | None = None, run_key: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_seed = noise_seed
+        self.run_key = run_key
+        self._round = 0
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        for r in replies:
-            if not r.has_error():
-                for rec in r.content.metric_records.values():
-                    if keys.NUM_EXAMPLES in rec:
-                        rec[keys.NUM_EXAMPLES] = 1
+        ok = [r for r in replies if not r.has_error()]
+        if len(ok) != self.num_sampled_clients or len(ok) != len(replies):
+            REFUSED_ROUNDS.setdefault(self.run_key, []).append(server_round)
+            return None, None
+        for r in ok:
+            for rec in r.content.metric_records.values():
+                if keys.NUM_EXAMPLES in rec:
+                    rec[keys.NUM_EXAMPLES] = 1
+        self._round = server_round
         return super().aggregate_train(server_round, replies)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        std = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+        seed = None if self.noise_seed is None else zlib.crc32(f"gaussian,{self.noise_seed},{self._round}".encode())
+        return add_noise(aggregated_arrays, std, numpy_generator(seed))
+
+
+def add_noise(arrays: ArrayRecord, std: float, rng: np.random.Generator) -> ArrayRecord:
+    """``arrays`` + N(0, std^2) per float coordinate, drawn from ``rng`` (integer arrays untouched)."""
+    out = {}
+    for name, arr in arrays.items():
+        a = arr.numpy()
+        if np.issubdtype(a.dtype, np.floating) and std > 0:
+            a = (a + rng.normal(0.0, std, a.shape)).astype(a.dtype)
+        out[name] = Array(np.asarray(a))
+    return ArrayRecord(out)
 
 
 def noise_multiplier(cfg) -> float:
@@ -49,7 +95,11 @@ def sample_size(cfg) -> int:
 
 
 def wrap_gaussian(spec: StrategySpec, cfg, fed) -> StrategySpec:
-    spec.strategy = UniformDPFedAvg(spec.strategy, noise_multiplier(cfg), cfg.privacy.max_grad_norm, sample_size(cfg))
+    seed = cfg.run.seed if cfg.privacy.reproducible_noise else None
+    REFUSED_ROUNDS[cfg.to_json()] = []
+    spec.strategy = UniformDPFedAvg(
+        spec.strategy, noise_multiplier(cfg), cfg.privacy.max_grad_norm, sample_size(cfg), noise_seed=seed, run_key=cfg.to_json(),
+    )
     return spec
 
 

@@ -8,11 +8,14 @@ Per round (client side in ``clients/fd.py``):
    other client holds). While training it accumulates, per label, the average of the logits its model
    produced on that label's samples.
 2. It uploads that (K, K) matrix of per-label average logits (row = label) -- exactly K*K float32
-   values -- plus its K label counts in the reply's MetricRecord (as FedAvg sends num-examples).
-3. The server averages per label, weighted by the counts. As in the paper's algorithm, the global
-   logits a client receives exclude its own contribution: client i gets
-   ``G^(i)_l = sum_{j != i} n_jl F_jl / sum_{j != i} n_jl`` (NaN rows where no other client has label l),
-   again exactly K*K values. These go down with the next round's train message.
+   values -- plus K label weights in the reply's MetricRecord: by default 0/1, which labels it
+   holds; with ``fd.weighted = true`` its exact per-label sample counts.
+3. The server averages per label over the clients holding it. Default (``fd.weighted = false``): the
+   paper's plain, unweighted average of the clients' per-label logits; ``fd.weighted = true``: weighted
+   by the per-label counts (more samples, more weight; it also reveals the counts). As in the paper's
+   algorithm, the global logits a client receives exclude its own contribution: client i gets
+   ``G^(i)_l = sum_{j != i} w_jl F_jl / sum_{j != i} w_jl`` (w = 0/1 or counts; NaN rows where no
+   other client has label l), again exactly K*K values. These go down with the next round's train message.
 
 ``KD`` is the KL divergence between the temperature-softened distributions, scaled by T^2 (Hinton
 et al.); with the default ``fd.temperature = 1`` it is the plain soft-target loss. The paper's
@@ -44,6 +47,7 @@ from .personal import PersonalStrategy, mean_metrics
 class FDConfig:
     beta: float = 1.0  # weight of the distillation term
     temperature: float = 1.0  # softmax temperature of the distillation term (the paper uses none: 1)
+    weighted: bool = False  # False: the paper's unweighted per-label average; True: weighted by per-label counts
 
     def validate(self, cfg) -> None:
         if not (self.temperature > 0 and np.isfinite(self.temperature)):
@@ -53,7 +57,7 @@ class FDConfig:
 
 
 def global_logits(logits: np.ndarray, counts: np.ndarray, exclude: int | None = None) -> np.ndarray:
-    """Count-weighted per-label average of the clients' logits, optionally leaving one client out.
+    """Weighted per-label average (weights 0/1 = the paper's unweighted average over holders) of the clients' logits, optionally leaving one client out.
 
     logits: (M, K, K) per client, row l = the client's average logit vector on label l.
     counts: (M, K) samples per label per client. Returns (K, K); rows no (other) client holds are NaN.
@@ -106,4 +110,6 @@ def build_fd(cfg, fed) -> StrategySpec:
     return StrategySpec(strategy, ArrayRecord(), strategy.evaluate_fn, client="fd")
 
 
-STRATEGIES.add("fd", StrategyEntry(build_fd, heterogeneous=True, description="Federated Distillation (Jeong et al. 2018): per-label logits, no public data"))
+# dp-sgd is refused: the uploaded per-label logits are averages of the model's outputs on private
+# training records, which DP-SGD (it protects the model) does not cover; rqm/pbm/gaussian act on weights.
+STRATEGIES.add("fd", StrategyEntry(build_fd, heterogeneous=True, mechanisms=("none",), description="Federated Distillation (Jeong et al. 2018): per-label logits, no public data"))

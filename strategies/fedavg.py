@@ -14,6 +14,11 @@ from . import STRATEGIES
 from .base import StrategyEntry, StrategySpec, central_evaluate_fn, global_model
 
 
+# Every mechanism acts on weight-averaging strategies: dp-sgd in the client's training, rqm/pbm as a
+# client mod + server decoder, gaussian as Flower's server-side clipping wrapper.
+WEIGHT_MECHANISMS = ("none", "dp-sgd", "rqm", "pbm", "gaussian")
+
+
 def sampling(cfg) -> dict:
     s = cfg.strategy
     return dict(
@@ -36,5 +41,5 @@ def build_fedprox(cfg, fed) -> StrategySpec:
     return StrategySpec(strategy, ArrayRecord(global_model(cfg, fed).state_dict()), central_evaluate_fn(cfg, fed))
 
 
-STRATEGIES.add("fedavg", StrategyEntry(build_fedavg, description="Federated Averaging (Flower's FedAvg)"))
-STRATEGIES.add("fedprox", StrategyEntry(build_fedprox, description="FedProx (Flower's FedProx)"))
+STRATEGIES.add("fedavg", StrategyEntry(build_fedavg, mechanisms=(*WEIGHT_MECHANISMS, "subject-dp"), description="Federated Averaging (Flower's FedAvg)"))
+STRATEGIES.add("fedprox", StrategyEntry(build_fedprox, mechanisms=(*WEIGHT_MECHANISMS, "subject-dp"), description="FedProx (Flower's FedProx)"))

@@ -289,5 +289,5 @@ def _register_hooks() -> None:
 
 _register_hooks()
 
-STRATEGIES.add("feddf", StrategyEntry(build_feddf, heterogeneous=True,
+STRATEGIES.add("feddf", StrategyEntry(build_feddf, heterogeneous=True, mechanisms=("none", "dp-sgd"),
                                       description="FedDF: FedAvg per architecture + server ensemble distillation on unlabelled proxy data"))

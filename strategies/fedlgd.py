@@ -35,9 +35,11 @@ Client contract. Every message is a ``train`` message whose ConfigRecord carries
   ``train.batch_size``) on local + global virtual data with CE, plus ``lambda_sim`` x SupCon between the
   batch's embeddings and the embeddings of all global virtual images unless ``keys.FEDLGD_REFRESH``.
   Reply with the weights under ``keys.ARRAYS`` and ``keys.NUM_EXAMPLES`` in ``keys.METRICS``: never
-  images, virtual or real. All its random draws come from its private generator. With
-  ``fedlgd.local_image_dir`` set, it writes a grid of its local virtual data after the warm-up and each DM
-  (``fedkd.distill.save_virtual_grid``) there, on its own machine.
+  images, virtual or real. All its random draws come from its private generator. It writes a grid of its
+  local virtual data after the warm-up and each DM (``fedkd.distill.save_virtual_grid``) into
+  ``fedlgd.local_image_dir`` on its own machine; with the default ``"run"``, into the run directory named by
+  ``keys.FEDLGD_RUN_DIR`` (sent when the server records into one) where that directory exists on its machine.
+  The client is clients/fedlgd.py.
 - ``evaluate`` messages are FedAvg's (the global model only): evaluate it on the own test split, normalised.
 
 ``local_virtual_init``, ``local_dm`` and ``local_loss`` below are the client's pieces as pure functions.
@@ -75,12 +77,14 @@ from fedkd.distill.diffaugment import FEDLGD_STRATEGY, parse_strategy
 from fedkd.models import model_from_config
 from fedkd.training import predict_logits, resolve_device
 
-from .base import StrategySpec, global_model
+from . import STRATEGIES
+from .base import StrategyEntry, StrategySpec, global_model
 from .fedavg import sampling
 
 STATS_BYTES = "fedlgd_stats_bytes_up"  # server metric (round 1): bytes of class statistics received
 STATS_CLIENTS = "fedlgd_stats_clients"  # server metric (round 1): clients whose statistics were used
 DISCLOSURE = "class_channel_statistics"  # name of the disclosure in summary.json
+CONVNETS = ("convnet", "convnet-w32")  # model.name values FedLGD runs with: the paper's ConvNet, and the same at width 32 (reduced settings)
 
 
 @register_section("fedlgd")
@@ -103,7 +107,9 @@ class FedLGDConfig:
     dsa_strategy: str = FEDLGD_STRATEGY  # DiffAugment groups for DM ("none" = off)
     image_mean: float = 0.5  # images are normalised (x - mean) / std before everything (all channels)
     image_std: float = 0.5
-    local_image_dir: str = ""  # where a client writes PNG grids of its local virtual data, on its own machine ("" = none)
+    # where a client writes PNG grids of its local virtual data: "run" = <run dir>/virtual where the client's machine has
+    # the server's run directory (simulations), "" = nowhere, else a folder on the client's own machine
+    local_image_dir: str = "run"
 
     def validate(self, cfg) -> None:
         for key in ("ipc", "server_ipc", "ci_tgap", "si_tgap", "real_batch"):
@@ -123,8 +129,8 @@ class FedLGDConfig:
         except ValueError as e:
             raise ConfigError("fedlgd.dsa_strategy", str(e)) from None
         if cfg.strategy.name == "fedlgd":
-            bad = [n for n in cfg.model.name if n != "convnet"]
-            _require(not bad, "model.name", f"fedlgd needs the paper's ConvNet, whose embedding it matches (model.name = \"convnet\"; got {list(cfg.model.name)})")
+            bad = [n for n in cfg.model.name if n not in CONVNETS] or len(set(cfg.model.name)) > 1
+            _require(not bad, "model.name", f"fedlgd needs one ConvNet for all clients, whose embedding it matches ({' or '.join(CONVNETS)}; got {list(cfg.model.name)})")
             _require(
                 cfg.privacy.mechanism == "none",
                 "privacy.mechanism",
@@ -280,6 +286,9 @@ class FedLGD(FedAvg):
             **dict(config), keys.PHASE: keys.FEDLGD_TRAIN_PHASE, keys.FEDLGD_VERSION: self.version,
             keys.FEDLGD_REFRESH: is_refresh_round(server_round, self.hp), keys.FEDLGD_LOCAL_DM: is_local_dm_round(server_round, self.hp),
         })
+        run_dir = getattr(getattr(grid, "recorder", None), "out_dir", None)  # fedkd's RecordingGrid records into the run directory
+        if run_dir is not None and self.hp.local_image_dir == "run":
+            conf[keys.FEDLGD_RUN_DIR] = str(Path(run_dir).resolve())
         out = []
         self.pending = set()
         for m in messages:
@@ -346,7 +355,7 @@ class FedLGD(FedAvg):
 
 # --------------------------------------------------------------------------- spec, evaluation, summary, grids
 def build_fedlgd(cfg, fed: Federation) -> StrategySpec:
-    """FedLGD's StrategySpec (client logic "fedlgd"). Not registered in STRATEGIES until that client exists."""
+    """FedLGD's StrategySpec (client logic "fedlgd", clients/fedlgd.py)."""
     strategy = FedLGD(cfg, fed, **sampling(cfg))
     model = global_model(cfg, fed)
     initial = ArrayRecord(model.state_dict())
@@ -369,6 +378,9 @@ def build_fedlgd(cfg, fed: Federation) -> StrategySpec:
         return MetricRecord(out)
 
     return StrategySpec(strategy, initial, evaluate_fn, client="fedlgd")
+
+
+STRATEGIES.add("fedlgd", StrategyEntry(build_fedlgd, description="FedLGD (Huang et al., TMLR): local-global dataset distillation on virtual data"))
 
 
 def fedlgd_summary(cfg, recorder) -> dict:

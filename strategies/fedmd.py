@@ -21,6 +21,8 @@ Clients keep their own models (any architecture) and share class scores on publi
 Public data: ``fedmd.public_dataset = ""`` (default) holds ``fedmd.public_fraction`` of
 ``data.dataset`` out before partitioning (stratified), so it is in no client's private data; or
 name a second dataset with the same input shape (its labels must fit the federation's K classes).
+A second dataset equal to ``data.dataset``, or with any input identical to one of the federation's
+(clients' splits, server test set), is refused before the run starts.
 Deviation: the paper's public and private tasks have different label sets; on one dataset they share
 the K labels. On digits (1,437 training images after the server's test split) the default 10%
 public split holds 144 images, so each round aligns on all of them unless ``alignment_size`` is
@@ -68,6 +70,9 @@ class FedMDConfig:
 
     def validate(self, cfg) -> None:
         if self.public_dataset:
+            if self.public_dataset == cfg.data.dataset:
+                raise ConfigError("fedmd.public_dataset", f"{self.public_dataset!r} is data.dataset: the public set would overlap the clients' "
+                                  "private data and the server's test set; use \"\" (a held-out split of data.dataset) or another dataset")
             if self.public_dataset not in DATASETS:
                 raise ConfigError("fedmd.public_dataset", f"unknown value {self.public_dataset!r}; valid: \"\" (a split of data.dataset), {', '.join(DATASETS.names())}")
         elif not 0 < self.public_fraction < 1:
@@ -99,12 +104,31 @@ def fedmd_data(cfg) -> tuple[Federation, ArrayDataset]:
             raise ConfigError("fedmd.public_dataset", f"{hp.public_dataset} has inputs {public.input_shape}, the federation {fed.input_shape}")
         if int(public.y.max(initial=0)) >= fed.num_classes:
             raise ConfigError("fedmd.public_dataset", f"{hp.public_dataset}'s labels do not fit the federation's {fed.num_classes} classes")
+        shared = overlap(public, fed)
+        if shared:
+            raise ConfigError("fedmd.public_dataset", f"{shared} of {hp.public_dataset}'s {len(public)} samples are also in the federation "
+                              "(clients' data or the server's test set); the public set must be disjoint from it")
     else:
         fed = load_federation(cfg.data, cfg.run.seed, hp.public_fraction)
         public = fed.public
     if public is None or len(public) == 0:
         raise ConfigError("fedmd.public_fraction", f"{hp.public_fraction} of {cfg.data.dataset}'s training pool is an empty public split; raise it")
     return fed, public
+
+
+def overlap(public: ArrayDataset, fed: Federation) -> int:
+    """How many public samples have an input identical to one in the federation (any client's train or
+    test split, the server's test set)."""
+    import hashlib
+
+    def digests(x: np.ndarray) -> set[bytes]:
+        return {hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest() for row in x}
+
+    held = set()
+    for c in fed.clients:
+        held |= digests(c.train.x) | digests(c.test.x)
+    held |= digests(fed.server_test.x)
+    return sum(d in held for d in (hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest() for row in public.x))
 
 
 def alignment_indices(num_public: int, size: int, seed: int) -> np.ndarray:
@@ -143,4 +167,4 @@ def build_fedmd(cfg, fed) -> StrategySpec:
     return StrategySpec(strategy, ArrayRecord(), strategy.evaluate_fn, client="fedmd")
 
 
-STRATEGIES.add("fedmd", StrategyEntry(build_fedmd, heterogeneous=True, description="FedMD (Li & Wang 2019): class scores on public data, consensus distillation"))
+STRATEGIES.add("fedmd", StrategyEntry(build_fedmd, heterogeneous=True, mechanisms=("none", "dp-sgd"), description="FedMD (Li & Wang 2019): class scores on public data, consensus distillation"))

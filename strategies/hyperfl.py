@@ -17,8 +17,8 @@ its extractor with its own embedding, adds its own head and reports ``accuracy``
 ``global_accuracy``/``global_loss`` on the server test set; ``PersonalStrategy`` turns those into
 ``personal_accuracy_*`` and ``accuracy`` = the clients' mean on the server test set (as for every personalised strategy).
 
-Not registered in ``STRATEGIES`` yet: its client logic is written on the unified training loop (issue 9). The
-integrator adds ``STRATEGIES.add("hyperfl", ENTRY)`` with the client. Privacy mechanisms are refused for now.
+Registered as ``hyperfl``; the client side is ``clients/hyperfl.py``. Every privacy mechanism is refused (ConfigError on
+``privacy.mechanism``): none of fedkd's accountants covers a hypernetwork upload, and running without it would be silent.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from fedkd.config import ConfigError, register_section
 from fedkd.hypernet import HyperFLHypernet, check_state, classifier_names, target_shapes
 from fedkd.models import model_from_config
 
+from . import STRATEGIES
 from .base import StrategyEntry, StrategySpec
 from .fedavg import sampling
 from .personal import PersonalStrategy
@@ -166,5 +167,5 @@ def build_hyperfl(cfg, fed) -> StrategySpec:
     return StrategySpec(strategy, ArrayRecord(hnet.state_dict()), strategy.evaluate_fn, client="hyperfl")
 
 
-# The integrator registers it with its client: STRATEGIES.add("hyperfl", ENTRY)
 ENTRY = StrategyEntry(build_hyperfl, description="HyperFL (Guo et al. 2025): only a hypernetwork travels, averaged")
+STRATEGIES.add("hyperfl", ENTRY)

@@ -24,4 +24,4 @@ def build_local(cfg, fed) -> StrategySpec:
     return StrategySpec(strategy, ArrayRecord(), strategy.evaluate_fn, client="local")
 
 
-STRATEGIES.add("local", StrategyEntry(build_local, heterogeneous=True, description="local-only training, no communication (baseline)"))
+STRATEGIES.add("local", StrategyEntry(build_local, heterogeneous=True, mechanisms=("none", "dp-sgd"), description="local-only training, no communication (baseline)"))

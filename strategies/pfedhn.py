@@ -29,9 +29,8 @@ last layer) on its own test split and the server test set; ``accuracy`` = the cl
 
 The arrays Flower carries between rounds (``aggregate_train``'s result) are the hypernetwork's state, embeddings
 included (never sent to clients); ``configure_train`` loads arrays it did not produce itself (a resumed run restores
-phi and every v_i; the optimiser's momentum restarts). Not registered in ``STRATEGIES`` yet (its client logic comes
-with the unified training loop, issue 9): the integrator adds ``STRATEGIES.add("pfedhn", ENTRY)`` and
-``STRATEGIES.add("pfedhn-pc", ENTRY_PC)``. Privacy mechanisms are refused for now.
+phi and every v_i; the optimiser's momentum restarts). Registered as ``pfedhn`` and ``pfedhn-pc``; the client side is
+``clients/pfedhn.py``. Every privacy mechanism is refused (ConfigError on ``privacy.mechanism``).
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from fedkd.config import ConfigError, register_section
 from fedkd.hypernet import PFedHNHypernet, check_state, classifier_names, pfedhn_embed_dim, pfedhn_step, target_shapes
 from fedkd.training import resolve_device
 
+from . import STRATEGIES
 from .base import StrategyEntry, StrategySpec
 from .fedavg import sampling
 from .hyperfl import HyperStrategy, check_hyper_combination, target_model
@@ -214,6 +214,7 @@ def build_pfedhn_pc(cfg, fed) -> StrategySpec:
     return build_pfedhn(cfg, fed, "pfedhn-pc")
 
 
-# The integrator registers them with their clients: STRATEGIES.add("pfedhn", ENTRY), STRATEGIES.add("pfedhn-pc", ENTRY_PC)
 ENTRY = StrategyEntry(build_pfedhn, description="pFedHN (Shamsian et al. 2021): server hypernetwork, VJP update")
 ENTRY_PC = StrategyEntry(build_pfedhn_pc, description="pFedHN-PC: pFedHN with a personal classifier per client")
+STRATEGIES.add("pfedhn", ENTRY)
+STRATEGIES.add("pfedhn-pc", ENTRY_PC)

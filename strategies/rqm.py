@@ -124,11 +124,12 @@ PRIVACY_WRAPPERS["pbm"] = wrap_pbm
 
 
 def _register_summary() -> None:
-    from fedkd.privacy.report import privacy_summary
+    from fedkd.privacy.report import privacy_summary, wire_summary
     from fedkd.server import SUMMARY_HOOKS
 
-    if privacy_summary not in SUMMARY_HOOKS:
-        SUMMARY_HOOKS.append(privacy_summary)
+    for hook in (privacy_summary, wire_summary):
+        if hook not in SUMMARY_HOOKS:
+            SUMMARY_HOOKS.append(hook)
 
 
 _register_summary()

@@ -8,6 +8,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from fedkd.config import load_config  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real deployment that waits on Flower's timers (deselect with -m 'not slow')")
+
+
 def small(*overrides: str):
     """A tiny digits federation: 4 clients, 2 rounds, 1 local epoch."""
     base = ["data.num_clients=4", "run.rounds=2", "train.local_epochs=1", "data.min_partition_size=5"]
@@ -17,3 +21,12 @@ def small(*overrides: str):
 @pytest.fixture
 def small_cfg():
     return small
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ray_session():
+    """Every fast-path experiment of the test run shares one Ray start and its warm actors."""
+    from fedkd.simulation import Session
+
+    with Session() as session:
+        yield session

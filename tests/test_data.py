@@ -44,17 +44,28 @@ def test_partitions_are_deterministic_in_the_seed():
 
 
 def test_synthetic_subjects_spread_over_clients_and_leave_non_members():
-    data, model, holders = generate_subjects(num_subjects=10, records_per_subject=20, num_clients=8, subjects_per_client=2, separation=2.0, seed=0)
-    held = {s for h in holders for s in h}
-    assert len(held) == 10
-    multi = [s for s in held if sum(s in h for h in holders) > 1]
-    assert multi, "with 16 slots for 10 subjects some subjects must sit on several clients"
-    s = multi[0]
-    assert len(set(data.client[data.subject == s].tolist())) > 1
-    _, _, holders2 = generate_subjects(num_subjects=10, records_per_subject=5, num_clients=2, subjects_per_client=3, separation=1.0, seed=0)
-    assert len({s for h in holders2 for s in h}) == 6  # 4 subjects are nobody's: non-members
+    data, model, holders, members = generate_subjects(
+        num_subjects=20, records_per_subject=20, num_clients=8, subjects_per_client=3, clients_per_subject=2, separation=2.0, seed=0
+    )
+    held = [s for h in holders for s in h]
+    assert all(len(set(h)) == 3 for h in holders)  # no client holds a subject twice
+    assert set(held) == set(np.flatnonzero(members)) and members.sum() == 12  # ceil(8 * 3 / 2) members
+    for s in np.flatnonzero(members):  # every member sits on 2 distinct clients, its records split between them
+        assert held.count(s) == 2
+        assert len(set(data.client[data.subject == s].tolist())) == 2
+    for s in np.flatnonzero(~members):  # the 8 non-members: no client holds any of their records
+        assert (data.client[data.subject == s] == -1).all()
+    _, _, holders3, members3 = generate_subjects(
+        num_subjects=30, records_per_subject=6, num_clients=5, subjects_per_client=4, clients_per_subject=3, separation=1.0, seed=1
+    )
+    counts = np.bincount([s for h in holders3 for s in h], minlength=30)[members3]
+    assert members3.sum() == 7 and set(counts.tolist()) <= {2, 3}  # 20 slots over 7 members: 3 each, one with 2
     x, y = model.sample(0, 50, np.random.default_rng(0))
     assert x.shape == (50, 1, 8, 8) and 0 <= x.min() and x.max() <= 1
+    with pytest.raises(ConfigError, match="data.num_subjects"):  # 10 x 4 / 1 = 40 members leave no non-member
+        DataConfig(dataset="synthetic-subjects", num_clients=10, subjects_per_client=4, clients_per_subject=1, num_subjects=40).validate(None)
+    with pytest.raises(ConfigError, match="data.clients_per_subject"):
+        DataConfig(dataset="synthetic-subjects", num_clients=3, clients_per_subject=4).validate(None)
 
 
 def test_subject_partitioner_on_synthetic_subjects():
@@ -63,6 +74,8 @@ def test_subject_partitioner_on_synthetic_subjects():
     assert fed.num_clients == 5
     for c, held in zip(fed.clients, fed.extras["holders"]):
         assert set(c.train.subject.tolist()) <= set(held)
+    seen = set().union(*(c.train.subject.tolist() + c.test.subject.tolist() for c in fed.clients))
+    assert seen == set(np.flatnonzero(fed.extras["members"]).tolist())  # 8 members on 2 clients each, 4 non-members nowhere
 
 
 def test_subject_partitioner_refuses_datasets_without_subjects():

@@ -246,3 +246,44 @@ def test_dockerfile_installs_every_package_folder_with_the_constraints():
     folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
     for folder in folders | {"configs"}:
         assert f"COPY {folder} ./{folder}" in text, folder
+
+
+@pytest.mark.slow
+def test_supernode_killed_and_restarted_mid_run_rejoins_and_the_run_completes(scratch):
+    """SIGKILL SuperNode 1 once round 1 is recorded, start it again: the SuperLink answers the lost message with
+    an error when the dead node's heartbeat runs out (Flower: up to 2 x 30 s), the round goes on with node 0,
+    the restarted node registers anew and trains in the last round; the run ends ok."""
+    import threading
+
+    from fedkd.config import load_config
+    from fedkd.server import new_run_dir
+
+    cfg = load_config(None, ["data.num_clients=2", "run.rounds=3", "train.local_epochs=1", "data.min_partition_size=5"])
+    out = scratch / "run"
+    run_dir = new_run_dir(cfg, out)
+    with LocalDeployment(2, log_dir=out / "deploy", echo=lambda s: None) as dep:
+        rc: list[int] = []
+        t = threading.Thread(target=lambda: rc.append(dep.submit({"config": str(run_dir / "config.toml"), "out": str(run_dir)}, timeout=600)))
+        t.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and t.is_alive():
+            try:
+                df = pd.read_csv(run_dir / "metrics.csv")
+                if ((df["node"] == "server") & (df["round"] == 1)).any():
+                    break
+            except (OSError, pd.errors.EmptyDataError):
+                pass
+            time.sleep(0.5)
+        dead = dep.node(1)
+        dep.kill_node(1)
+        assert not dead.alive()
+        new = dep.restart_node(1)
+        assert new is not dead and new.alive()
+        t.join(timeout=600)
+        assert rc == [0]
+    summary = check_run(out, rounds=3)
+    df = pd.read_csv(out / "metrics.csv", dtype={"node": str})
+    trained = df[(df["split"] == "train") & (df["metric"] == "loss")]
+    assert "1" in set(trained[trained["round"] == 3]["node"])  # the restarted node trained after it rejoined
+    assert "1" in set(trained[trained["round"] == 1]["node"])
+    assert summary["rounds_completed"] == 3

@@ -46,7 +46,7 @@ def test_fd_end_to_end_heterogeneous_sends_only_per_label_logits(tmp_path):
     k = 10
     per_client = payload_bytes(_rd(k))
     # up: every client, every round, exactly one (K, K) float32 array; down: the same per client from round 2
-    assert s["bytes_up"] == 4 * 2 * per_client
+    assert s["bytes_up_arrays"] == 4 * 2 * per_client and s["bytes_up"] > s["bytes_up_arrays"]  # bytes_up: metrics too
     assert s["bytes_down"] == 4 * 1 * per_client
     df = pd.read_csv(tmp_path / "fd" / "metrics.csv", dtype={"node": str})
     srv = df[(df["node"] == "server") & (df["split"] == "test")]

@@ -69,5 +69,5 @@ def test_fedd2s_heterogeneous_end_to_end(tmp_path):
         for shared in (d, d[:-1]):
             up += sum(size((n, k)) for k in shared) + size((n, 10)) + size((n,), np.int64)
         down += size((n, 10))
-    assert summary["bytes_up"] == up
+    assert summary["bytes_up_arrays"] == up
     assert summary["bytes_down"] == down

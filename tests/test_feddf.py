@@ -102,7 +102,7 @@ def test_feddf_heterogeneous_end_to_end(tmp_path):
     # FedDF sends weights: up = every client's model every round (clients 0, 2 run mlp; 1, 3 cnn)
     nbytes = {n: sum(len(a.data) for a in ArrayRecord(build_model(n, (1, 8, 8), 10).state_dict()).values()) for n in ("mlp", "cnn")}
     m, c = nbytes["mlp"], nbytes["cnn"]
-    assert summary["bytes_up"] == 2 * (2 * m + 2 * c)
+    assert summary["bytes_up_arrays"] == 2 * (2 * m + 2 * c)
     # down: round-1 train messages carry both groups (architectures not known yet), then only the own group
     assert summary["bytes_down"] == 4 * (m + c) + 3 * (2 * m + 2 * c)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["strategy"] == "feddf"

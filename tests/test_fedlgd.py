@@ -1,6 +1,6 @@
 """FedLGD's server strategy and config, driven in process by a stand-in client that follows the contract.
 
-The stand-in client is *not* FedLGD's client (which trains on virtual data with SupCon; a later issue):
+The stand-in client is *not* FedLGD's client (clients/fedlgd.py, tested in test_fedlgd_client.py):
 it answers the statistics exchange as the contract says, keeps the global virtual data per version and
 takes a few SGD steps on its real data, so that the server's side can be checked end to end.
 """
@@ -22,7 +22,6 @@ from fedkd.models import model_from_config
 from fedkd.results import RunRecorder
 from fedkd.server import run_server, summarize
 from fedkd.simulation import LocalGrid
-from fedkd.strategies import STRATEGIES, StrategyEntry
 from fedkd.strategies.fedlgd import (
     DISCLOSURE,
     FedLGDConfig,
@@ -51,12 +50,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    """'fedlgd' in STRATEGIES for the duration of a test (the client side registers it for real later)."""
-    monkeypatch.setitem(STRATEGIES._entries, "fedlgd", StrategyEntry(build_fedlgd))
 
 
 class InlineGrid(LocalGrid):
@@ -128,13 +121,13 @@ def stats_bytes(fed) -> int:
 
 def fedlgd_cfg(*more):
     return load_config(None, [
-        "strategy.name=fedlgd", "model.name=convnet", "data.dataset=digits-domains", "data.partitioner=domain",
+        "strategy.name=fedlgd", "model.name=convnet-w32", "data.dataset=digits-domains", "data.partitioner=domain",
         "data.num_clients=3", 'data.domains=["gray", "inverted", "colored"]', "data.max_samples=600", "run.rounds=3", "strategy.fraction_evaluate=0",
         "train.lr=0.01", "fedlgd.si_tgap=2", "fedlgd.ci_tgap=2", "fedlgd.server_ipc=1", "fedlgd.gm_iterations=10", *more,
     ])
 
 
-def test_fedlgd_server_protocol_end_to_end(registered, tmp_path, capsys):
+def test_fedlgd_server_protocol_end_to_end(tmp_path, capsys):
     cfg = fedlgd_cfg()
     fed = load_federation(cfg.data, cfg.run.seed)
     client = StandIn(cfg, fed, nan_from=(1, 2))
@@ -202,7 +195,7 @@ def test_statistics_records_are_checked():
             stats_from_record(broken, 10, 3)
 
 
-def test_bad_statistics_are_ignored_and_none_at_all_stops_the_run(registered, tmp_path):
+def test_bad_statistics_are_ignored_and_none_at_all_stops_the_run(tmp_path):
     cfg = fedlgd_cfg("run.rounds=1", "fedlgd.gm_iterations=1")
     fed = load_federation(cfg.data, cfg.run.seed)
     honest = StandIn(cfg, fed)
@@ -226,7 +219,7 @@ def test_bad_statistics_are_ignored_and_none_at_all_stops_the_run(registered, tm
         run_server(InlineGrid(3, all_bad), cfg, RunRecorder(tmp_path / "b"), spec=build_fedlgd(cfg, fed), progress=False, echo=lambda s: None)
 
 
-def test_bad_fedlgd_settings_name_the_key(registered):
+def test_bad_fedlgd_settings_name_the_key():
     cases = {
         "fedlgd.ipc": "fedlgd.ipc=0",
         "fedlgd.temperature": "fedlgd.temperature=0",

@@ -53,7 +53,7 @@ def test_fedmd_end_to_end_heterogeneous_sends_scores_not_weights(tmp_path):
     weights = payload_bytes(RecordDict({keys.ARRAYS: ArrayRecord(build_model("mlp", (1, 8, 8), 10).state_dict())}))
     assert scores < weights
     # up: each client's (A, K) class scores each round, nothing else; down: the (A, K) consensus
-    assert s["bytes_up"] == 4 * 2 * scores
+    assert s["bytes_up_arrays"] == 4 * 2 * scores and s["bytes_up"] > s["bytes_up_arrays"]
     assert s["bytes_down"] == 4 * 2 * scores
     df = pd.read_csv(tmp_path / "md" / "metrics.csv", dtype={"node": str})
     srv = df[(df["node"] == "server") & (df["split"] == "test")]

@@ -89,7 +89,7 @@ def test_fedavg_ig_recovers_an_image_that_hyperfl_hides_from_both_adapted_attack
     g = torch.Generator().manual_seed(206)
     for _ in range(3):
         hyperfl_local_update(model, torch.from_numpy(pool.x), torch.from_numpy(pool.y), small().hyperfl, generator=g)
-    train(fedavg, pool, epochs=3, batch_size=50, lr=0.05, momentum=0.9)
+    train(fedavg, pool, epochs=3, batch_size=50, lr=0.05, momentum=0.9, seed=0)
     one = data.take([0])
 
     obs = local_observation(fedavg, one, model_name="hyperfl-cnn", lr=0.1)

@@ -1,5 +1,5 @@
 """Hypernetworks (HyperFL, pFedHN): the VJP against explicit and hand-computed gradients, the two-stage local round,
-what a HyperFL client uploads, the config sections, and both strategies run in-process with stand-in clients."""
+what a HyperFL client uploads, the config sections, and both strategies run in-process with their client logics."""
 
 import copy
 import dataclasses
@@ -8,17 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from torch.nn import functional as F
 
 from fedkd import keys
-from fedkd.clients import CLIENTS, ClientLogic, reply
-from fedkd.clients.personal import personal_metrics
 from fedkd.config import ConfigError
 from fedkd.data import load_federation
-from fedkd.hyper_local import hyperfl_local_update, pfedhn_inner_update
-from fedkd.hypernet import HyperFLModel, PFedHNHypernet, check_state, classifier_names, hyperfl_model, hypernet_vjp, pfedhn_step
-from fedkd.models import build_model, model_from_config
+from fedkd.hyper_local import hyperfl_local_update
+from fedkd.hypernet import PFedHNHypernet, check_state, classifier_names, hyperfl_model, hypernet_vjp, pfedhn_step
+from fedkd.models import build_model
 from fedkd.strategies.hyperfl import build_hyperfl
 from fedkd.strategies.pfedhn import build_pfedhn
 
@@ -172,7 +170,7 @@ def test_config_sections_have_the_papers_defaults_and_refuse_bad_values():
         build_hyperfl(small('model.name=["cnn", "mlp"]'), load_federation(small().data, 0))
 
 
-# --------------------------------------------------------------------------- in-process runs with stand-in clients
+# --------------------------------------------------------------------------- in-process runs (InlineGrid, real clients)
 def fake_reply(node_id: int, arrays: ArrayRecord, n: int) -> Message:
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -182,70 +180,16 @@ def fake_reply(node_id: int, arrays: ArrayRecord, n: int) -> Message:
     return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n})}), reply_to=msg)
 
 
-class StandInHyperFL(ClientLogic):
-    """What the integrator's HyperFL client does per round, on the reference local update (tests only)."""
-
-    def model(self, msg, context, env) -> HyperFLModel:
-        target = model_from_config(env.cfg.model, env.partition_id, env.federation.input_shape, env.federation.num_classes)
-        model = hyperfl_model(target, env.cfg.hyperfl, torch.Generator().manual_seed(env.seed(7)))
-        if keys.STATE_HYPERFL in context.state:
-            model.load_state_dict(context.state[keys.STATE_HYPERFL].to_torch_state_dict(), strict=False)
-        model.hypernet.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
-        return model
-
-    def train(self, msg, context, env):
-        model = self.model(msg, context, env)
-        d = env.data.train
-        res = hyperfl_local_update(model, torch.from_numpy(d.x), torch.from_numpy(d.y), env.cfg.hyperfl, generator=torch.Generator().manual_seed(env.seed()))
-        context.state[keys.STATE_HYPERFL] = ArrayRecord(model.private_state())
-        return reply(msg, env, {keys.NUM_EXAMPLES: res.num_examples, keys.LOSS: res.loss, keys.LOSS_HEAD: res.loss_head}, **{keys.ARRAYS: ArrayRecord(model.shared_state())})
-
-    def evaluate(self, msg, context, env):
-        return reply(msg, env, personal_metrics(self.model(msg, context, env), env))
-
-
-class StandInPFedHN(ClientLogic):
-    """What the integrator's pFedHN / pFedHN-PC client does per round (tests only)."""
-
-    def model(self, msg, context, env):
-        model = model_from_config(env.cfg.model, env.partition_id, env.federation.input_shape, env.federation.num_classes)
-        state = msg.content[keys.ARRAYS].to_torch_state_dict()
-        head = context.state.get(keys.STATE_PFEDHN_HEAD)
-        if head is not None:
-            state.update({k: v for k, v in head.to_torch_state_dict().items() if not k.startswith("momentum/")})
-        model.load_state_dict(state, strict=False)  # pFedHN-PC, round 1: the personal layer keeps its init
-        return model
-
-    def train(self, msg, context, env):
-        pc = msg.content[keys.CONFIG][keys.CLIENT_LOGIC] == "test-pfedhn-pc"
-        model = self.model(msg, context, env)
-        rec = context.state.get(keys.STATE_PFEDHN_HEAD)
-        moms = {k.removeprefix("momentum/"): v for k, v in rec.to_torch_state_dict().items() if k.startswith("momentum/")} if rec else None
-        d = env.data.train
-        res = pfedhn_inner_update(model, torch.from_numpy(d.x), torch.from_numpy(d.y), env.cfg.pfedhn,
-                                  generator=torch.Generator().manual_seed(env.seed()), personal_head=pc, head_momentum=moms)
-        if pc:
-            head = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in res.delta}
-            context.state[keys.STATE_PFEDHN_HEAD] = ArrayRecord({**head, **{f"momentum/{k}": v for k, v in (res.head_momentum or {}).items()}})
-        return reply(msg, env, {keys.NUM_EXAMPLES: res.num_examples, keys.LOSS: res.loss}, **{keys.ARRAYS: ArrayRecord(res.delta)})
-
-    def evaluate(self, msg, context, env):
-        return reply(msg, env, personal_metrics(self.model(msg, context, env), env))
-
-
-for _name, _logic in (("test-hyperfl", StandInHyperFL), ("test-pfedhn", StandInPFedHN), ("test-pfedhn-pc", StandInPFedHN)):
-    if _name not in CLIENTS:
-        CLIENTS.add(_name, _logic)
-
-
-def run_inline_spec(cfg, spec):
+def run_inline_spec(cfg, spec, grid=None):
+    """Run ``spec`` on an InlineGrid (the real ClientApp and client logics in this process; ``grid.host.contexts``
+    holds every node's Context). Returns the metric rows, the run's result and every (round, messages, replies)."""
     from fedkd.attacks.inline import InlineGrid
     from fedkd.results import RunRecorder
     from fedkd.server import run_server
 
     recorder = RunRecorder(None)
     sent = []
-    result = run_server(InlineGrid(cfg.data.num_clients), cfg, recorder, spec=spec, progress=False, echo=lambda s: None,
+    result = run_server(grid or InlineGrid(cfg.data.num_clients), cfg, recorder, spec=spec, progress=False, echo=lambda s: None,
                         observers=[lambda rnd, msgs, replies: sent.append((rnd, msgs, replies))])
     return pd.DataFrame(recorder.rows), result, sent
 
@@ -253,7 +197,7 @@ def run_inline_spec(cfg, spec):
 def test_hyperfl_runs_in_process_and_evaluates_personal_models():
     cfg = digits_cfg("run.rounds=2", "hyperfl.hnet_epochs=2")
     spec = build_hyperfl(cfg, load_federation(cfg.data, 0))
-    spec.client = "test-hyperfl"
+    assert spec.client == "hyperfl"  # the real client logic (clients/hyperfl.py)
     df, result, sent = run_inline_spec(cfg, spec)
     hnet_keys = set(spec.initial_arrays)
     for rnd, msgs, replies in sent:
@@ -281,7 +225,7 @@ def test_hyperfl_runs_in_process_and_evaluates_personal_models():
 def test_pfedhn_round_is_one_vjp_step_per_reply_with_partial_participation(variant):
     cfg = small("model.name=pfedhn-cnn", "data.partitioner=iid", "run.rounds=3", "strategy.fraction_train=0.5", "pfedhn.inner_steps=3")
     spec = build_pfedhn(cfg, load_federation(cfg.data, 0), variant)
-    spec.client = f"test-{variant}"
+    assert spec.client == variant  # the real client logics (clients/pfedhn.py)
     strategy = spec.strategy
     # replay the server independently from its initial state and the recorded messages
     ref = copy.deepcopy(strategy.hnet)

@@ -84,7 +84,7 @@ def _subject_federation(rounds=12, seed=0):
     """60 subjects (separation 5); members 0..29, each member's 12 records spread over two of four
     clients; subjects 30..59 are held by no client. FedAvg (2 local epochs) in process; returns the
     global model of every round (round 0 = initial) and the subjects' generative model."""
-    _, model, _ = generate_subjects(num_subjects=60, records_per_subject=1, num_clients=1, subjects_per_client=1, separation=5.0, seed=seed)
+    _, model, _, _ = generate_subjects(num_subjects=60, records_per_subject=1, num_clients=1, subjects_per_client=1, clients_per_subject=1, separation=5.0, seed=seed)
     rng = np.random.default_rng(seed)
     held = [[] for _ in range(4)]
     for s in range(30):
@@ -144,7 +144,7 @@ def test_rounds_must_be_ordered_and_enough():
     m = mb.ModelObservation.of(build_model("mlp", SHAPE, 10), "mlp", SHAPE, 10, 3)
     with pytest.raises(mb.MembershipError, match="increasing"):
         mb.RoundsObservation((m, m))
-    samples, known = _adversary_view(generate_subjects(num_subjects=60, records_per_subject=1, num_clients=1, subjects_per_client=1, separation=1.0, seed=0)[1])
+    samples, known = _adversary_view(generate_subjects(num_subjects=60, records_per_subject=1, num_clients=1, subjects_per_client=1, clients_per_subject=1, separation=1.0, seed=0)[1])
     with pytest.raises(mb.MembershipError, match="at least 2 rounds"):
         sm.loss_across_rounds(mb.RoundsObservation((m,)), samples, known)
 

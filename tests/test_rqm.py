@@ -132,7 +132,7 @@ def test_cli_prints_rdp_and_epsilon_json(capsys):
     assert "--levels" in capsys.readouterr().err
     assert main(["privacy", "rqm", "--clip", "1", "--extend", "1", "--levels", "6", "--keep-prob", "0.5", "--alpha", "2", "--clients", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert 0 < out["rdp_secure_aggregate"]["2"] <= out["rdp"]["2"]
+    assert 0 < out["rdp_hypothetical_secure_aggregation"]["2"] <= out["rdp"]["2"]
     assert main(["privacy", "pbm", "--clip", "1", "--theta", "0.1", "--trials", "15", "--coords", "10", "--rounds", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["epsilon"] > 0
     assert main(["privacy", "gaussian", "--target-epsilon", "3", "--rounds", "5"]) == 0
@@ -160,8 +160,8 @@ def test_rqm_federation_sends_level_indices_and_reports_epsilon(tmp_path):
     d = sum(a.size for a in obs.arrays) // 8  # 4 clients x 2 rounds
     assert s["epsilon"] == pytest.approx(rqm.epsilon(rqm.RQMParams(0.05, 0.05, 16, 0.5), d, 2, 1e-5), rel=1e-6)
     assert s["privacy_unit"] == "client" and s["bits_per_coordinate"] == 4 and s["privacy_guarantee"].startswith("local")
-    assert 0 < s["epsilon_secure_aggregate"] < s["epsilon"]
-    assert s["bytes_up"] < s["bytes_down"] / 2 / 3  # uint8 indices vs float32 models
+    assert 0 < s["epsilon_hypothetical_secure_aggregation"] < s["epsilon"]  # hypothetical: fedkd runs no secure aggregation
+    assert s["bytes_up_arrays"] < s["bytes_down"] / 2 / 3  # uint8 indices vs float32 models
     assert s["accuracy"] is not None and s["accuracy"] > 0.1
 
 

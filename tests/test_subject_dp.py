@@ -55,7 +55,7 @@ def test_calibrate_noise_reaches_the_target():
 
 
 def test_bad_parameters_are_refused_with_the_key():
-    with pytest.raises(ConfigError, match="privacy.subject_sample_rate"):
+    with pytest.raises(ConfigError, match="subject_dp.subjects_per_step"):
         sdp.SiloSchedule(0.0, 1.0, 1)
     with pytest.raises(ConfigError, match="privacy.max_grad_norm"):
         sdp.clip_per_subject([torch.zeros(2, 3)], torch.tensor([0, 1]), 0.0)

@@ -67,15 +67,20 @@ def load_femnist(cfg, seed: int) -> Loaded:
 
 @DATASETS.register("synthetic-subjects")
 def load_synthetic_subjects(cfg, seed: int) -> Loaded:
-    data, model, holders = generate_subjects(
+    """Members' records only (non-member subjects are held by no client); with ``partitioner =
+    "subject"`` each client gets exactly the subjects the generator assigned it. extras:
+    ``subject_model`` (the subjects' distributions), ``holders`` (subjects per client), ``members``
+    (bool per subject)."""
+    data, model, holders, members = generate_subjects(
         num_subjects=cfg.num_subjects,
         records_per_subject=cfg.records_per_subject,
         num_clients=cfg.num_clients,
-        subjects_per_client=min(cfg.subjects_per_client, cfg.num_subjects),
+        subjects_per_client=cfg.subjects_per_client,
+        clients_per_subject=cfg.clients_per_subject,
         separation=cfg.subject_separation,
         seed=seed,
     )
-    members = data.take(np.flatnonzero(data.client >= 0))
+    held = data.take(np.flatnonzero(data.client >= 0))
     # The server's test set: fresh records from the same subject distributions.
     rng = np.random.default_rng(seed + 1)
     per = max(1, round(cfg.records_per_subject * cfg.server_test_fraction))
@@ -86,7 +91,7 @@ def load_synthetic_subjects(cfg, seed: int) -> Loaded:
         ys.append(y)
         ss.append(np.full(per, s))
     test = ArrayDataset(np.concatenate(xs), np.concatenate(ys), data.num_classes, subject=np.concatenate(ss))
-    return members, test, {"subject_model": model, "holders": holders}
+    return held, test, {"subject_model": model, "holders": holders, "members": members}
 
 
 # --------------------------------------------------------------------------- feature-shift domains

@@ -1,14 +1,23 @@
 """Subject-structured synthetic federations, in the spirit of Suri et al. (arXiv 2206.03317).
 
 Every subject has its own data distribution: a shared class prototype plus a subject-specific shift
-(scaled by ``separation``) and a subject-specific label mix. A subject's records are spread over all
-the clients that hold it; each client holds ``subjects_per_client`` subjects. Subjects that no
-client holds are generated too (``client == -1``): they are the non-members a subject-level
-membership inference needs, and their distribution is known through :class:`SubjectModel`.
+(scaled by ``separation``) and a subject-specific label mix. The federation's shape:
+
+- ``num_clients`` clients (silos), each holding ``subjects_per_client`` subjects;
+- every *member* subject is spread over ``clients_per_subject`` distinct clients (its records split
+  evenly among them), so there are ``members = ceil(num_clients * subjects_per_client /
+  clients_per_subject)`` member subjects (:func:`member_count`; when the slots do not divide evenly
+  a few members sit on one client fewer);
+- the other ``num_subjects - members`` subjects are held by no client (``client == -1``): the
+  non-members a subject-level membership inference needs. Which subjects are members is a seeded
+  random choice (a data split), returned in ``extras["members"]``.
+
+The adversary's knowledge of a subject's distribution is :class:`SubjectModel` (fresh samples).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +37,10 @@ class SubjectModel:
     label_mix: np.ndarray  # (S, K) per-subject label distribution
     noise: float
 
+    @property
+    def num_subjects(self) -> int:
+        return len(self.shifts)
+
     def sample(self, subject: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         y = rng.choice(self.prototypes.shape[0], size=n, p=self.label_mix[subject])
         z = self.prototypes[y] + self.shifts[subject] + self.noise * rng.standard_normal((n, self.prototypes.shape[1]))
@@ -35,22 +48,40 @@ class SubjectModel:
         return x.reshape(n, 1, SIDE, SIDE).astype(np.float32), y.astype(np.int64)
 
 
-def assign_subjects(num_subjects: int, num_clients: int, subjects_per_client: int, rng: np.random.Generator) -> list[list[int]]:
-    """Subjects held by each client; subjects are reused only when there are more slots than subjects."""
-    if subjects_per_client > num_subjects:
-        raise ValueError(f"subjects_per_client={subjects_per_client} > num_subjects={num_subjects}")
-    order = rng.permutation(num_subjects)
-    holders: list[list[int]] = []
-    k = 0
-    for _ in range(num_clients):
-        held: list[int] = []
-        while len(held) < subjects_per_client:
-            s = int(order[k % num_subjects])
-            k += 1
-            if s not in held:
-                held.append(s)
-        holders.append(held)
-    return holders
+def member_count(num_clients: int, subjects_per_client: int, clients_per_subject: int) -> int:
+    """How many subjects the clients hold between them: ceil(clients * per client / clients per subject)."""
+    return math.ceil(num_clients * subjects_per_client / clients_per_subject)
+
+
+def check_shape(num_subjects: int, num_clients: int, subjects_per_client: int, clients_per_subject: int) -> tuple[str, str] | None:
+    """None when the federation can be built, else (config key, problem) for a one-line ConfigError."""
+    if not 1 <= clients_per_subject <= num_clients:
+        return "data.clients_per_subject", f"must be in 1..data.num_clients={num_clients} (got {clients_per_subject})"
+    m = member_count(num_clients, subjects_per_client, clients_per_subject)
+    if m >= num_subjects:
+        return "data.num_subjects", (
+            f"{num_clients} clients x {subjects_per_client} subjects / {clients_per_subject} clients per subject need {m} member "
+            f"subjects, leaving none of num_subjects={num_subjects} as a non-member (raise data.num_subjects above {m})"
+        )
+    return None
+
+
+def assign_subjects(
+    num_subjects: int, num_clients: int, subjects_per_client: int, clients_per_subject: int, rng: np.random.Generator
+) -> tuple[list[list[int]], np.ndarray]:
+    """(subjects held by each client, member mask (num_subjects,)). Slot i of the C * spc slots
+    (client i // spc) holds member ``order[i % M]``: a member's slots are M >= spc apart, so they
+    fall on distinct clients, and each member gets ``clients_per_subject`` slots (or one fewer)."""
+    problem = check_shape(num_subjects, num_clients, subjects_per_client, clients_per_subject)
+    if problem:
+        raise ValueError(": ".join(problem))
+    m = member_count(num_clients, subjects_per_client, clients_per_subject)
+    members = np.sort(rng.choice(num_subjects, m, replace=False))
+    order = rng.permutation(members)
+    holders = [[int(order[(c * subjects_per_client + j) % m]) for j in range(subjects_per_client)] for c in range(num_clients)]
+    mask = np.zeros(num_subjects, bool)
+    mask[members] = True
+    return holders, mask
 
 
 def generate_subjects(
@@ -59,10 +90,13 @@ def generate_subjects(
     records_per_subject: int,
     num_clients: int,
     subjects_per_client: int,
+    clients_per_subject: int,
     separation: float,
     seed: int,
     noise: float = 1.0,
-) -> tuple[ArrayDataset, SubjectModel, list[list[int]]]:
+) -> tuple[ArrayDataset, SubjectModel, list[list[int]], np.ndarray]:
+    """(all subjects' records with ``subject`` and ``client`` (-1: nobody's), the generative model,
+    holders per client, member mask per subject)."""
     rng = np.random.default_rng(seed)
     d = SIDE * SIDE
     model = SubjectModel(
@@ -71,7 +105,7 @@ def generate_subjects(
         label_mix=rng.dirichlet(np.ones(NUM_CLASSES), size=num_subjects),
         noise=noise,
     )
-    holders = assign_subjects(num_subjects, num_clients, subjects_per_client, rng)
+    holders, members = assign_subjects(num_subjects, num_clients, subjects_per_client, clients_per_subject, rng)
     clients_of: dict[int, list[int]] = {}
     for c, held in enumerate(holders):
         for s in held:
@@ -88,4 +122,4 @@ def generate_subjects(
         np.concatenate(xs), np.concatenate(ys), NUM_CLASSES,
         subject=np.concatenate(subj).astype(np.int64), client=np.concatenate(cl).astype(np.int64),
     )
-    return data, model, holders
+    return data, model, holders, members

@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Callable
 
 from fedkd.deploy import certs as certs_mod
-from fedkd.deploy.topology import CONNECTION, QUIET_ENV, Deployment, connection_toml, superlink_argv, supernode_argv
+from fedkd.deploy.topology import (
+    CACHE_ENV,
+    CONNECTION,
+    QUIET_ENV,
+    RUNTIME_ENV,
+    Deployment,
+    connection_toml,
+    superlink_argv,
+    supernode_argv,
+)
 
 MARKER = "FEDKD_DEPLOY_ID"
 EXIT_AUTH_REFUSED = 305  # Flower's exit code (logged as "Exit Code: 305") when the SuperLink refuses a SuperNode
@@ -159,6 +168,8 @@ class LocalDeployment:
     deploy_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: list[Proc] = field(default_factory=list)
     died: Proc | None = None  # the essential process whose death ended the run, if any
+    runtime_env: dict[str, str] = field(default_factory=lambda: dict(RUNTIME_ENV))  # Flower settings by environment
+    node_cache: bool = True  # each SuperNode caches its partition (fedkd/deploy/cache.py) under <workdir>/cache
 
     def __post_init__(self) -> None:
         if self.auth:
@@ -180,11 +191,15 @@ class LocalDeployment:
 
     # ---------------------------------------------------------------- environment
     def env(self, home: str) -> dict[str, str]:
-        """Child environment: the venv's bin first on PATH (flower-superexec must be found), own FLWR_HOME."""
+        """Child environment: the venv's bin first on PATH (flower-superexec must be found), own FLWR_HOME,
+        the SuperExec poll interval (``runtime_env``) and, for a SuperNode, its own partition cache folder."""
         env = dict(os.environ)
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         env.update(QUIET_ENV)
+        env.update(self.runtime_env)
+        if self.node_cache and home.startswith("home-supernode"):
+            env[CACHE_ENV] = str(self.workdir / "cache" / home.removeprefix("home-"))
         env[MARKER] = self.deploy_id
         env["FLWR_HOME"] = str(self.workdir / home)
         Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -275,10 +290,47 @@ class LocalDeployment:
         argv[i + 1] = str(port)
         return self.spawn(name, argv)
 
+    # ---------------------------------------------------------------- faults
+    def node(self, i: int) -> Proc:
+        """The current process of SuperNode ``i`` (the latest one started under that name)."""
+        for proc in reversed(self.procs):
+            if proc.name == f"supernode-{i}":
+                return proc
+        raise KeyError(f"no supernode-{i}")
+
+    def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Kill SuperNode ``i`` (its process group; SIGKILL: a crash, nothing is cleaned up or deregistered).
+
+        It stops counting as essential, so the run goes on without it. Its SuperExec and ClientApp processes,
+        which run in sessions of their own, exit when they see their parent gone (Flower's parent monitor);
+        whatever is left is stopped with the deployment."""
+        proc = self.node(i)
+        proc.essential = False
+        _signal(proc.popen.pid, sig, group=True)
+        try:
+            proc.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal(proc.popen.pid, signal.SIGKILL, group=True)
+            proc.popen.wait(timeout=10)
+
+    def restart_node(self, i: int) -> Proc:
+        """Start SuperNode ``i`` again with its command line, FLWR_HOME and partition cache. Without node
+        authentication it registers as a new node; the SuperLink sends it work from the next round on."""
+        old = self.node(i)
+        if old.alive():
+            raise DeployError(f"supernode-{i} is still running (pid {old.popen.pid})")
+        proc = self.spawn(old.name, old.argv)
+        proc.essential = True
+        return proc
+
     # ---------------------------------------------------------------- run
-    def submit(self, run_config: dict[str, str], app: Path | None = None, timeout: float | None = None) -> int:
-        """``flwr run APP CONNECTION --stream``; echoes its output and returns its exit code."""
-        app = stage_app(app or app_dir(), self.workdir / "app")
+    def submit(self, run_config: dict[str, str], app: Path | None = None, timeout: float | None = None, staged: bool = False) -> int:
+        """``flwr run APP CONNECTION --stream``; echoes its output and returns its exit code.
+
+        ``app`` is a source tree whose pyproject.toml gets staged (see :func:`stage_app`), or, with ``staged``,
+        a folder to hand to ``flwr run`` as it is (e.g. :func:`fedkd.deploy.floor.stage`).
+        """
+        app = Path(app) if staged and app is not None else stage_app(app or app_dir(), self.workdir / "app")
         rc_arg = " ".join(f'{k}="{v}"' for k, v in run_config.items())
         argv = ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", rc_arg]
         log = self.log_dir / "flwr-run.log"

@@ -22,6 +22,18 @@ CONNECTION = "fedkd-local"  # name of the SuperLink connection in $FLWR_HOME/con
 # Environment every process of a deployment gets: no telemetry, no update check over the network.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
+# Polling, as far as Flower 1.41 lets it be set (see fedkd/deploy/README.md, "Where a deployed round's time goes"):
+# the SuperExec that the SuperLink and every SuperNode start polls for tasks (ServerApp / ClientApp launches)
+# every 1 s unless FLWR_SUPEREXEC_TASK_POLL_INTERVAL (0.01-60 s) says otherwise; every message waits on it.
+# The SuperNode's 3 s sleep between pulls from the SuperLink is hard-coded; the ServerApp's 3 s between pulls
+# for replies is replaced by fedkd's own loop (deploy.pull_interval, fedkd/deploy/grid.py).
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_S = "0.2"
+RUNTIME_ENV = {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S}
+# Each SuperNode's partition cache (fedkd/deploy/cache.py); in a container, a folder of its own filesystem.
+CACHE_ENV = "FEDKD_CACHE_DIR"
+CONTAINER_CACHE_DIR = "/tmp/fedkd-cache"
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -144,7 +156,8 @@ def compose_document(variant: str = "plain", nodes: int = COMPOSE_NODES) -> dict
     services: dict[str, dict] = {}
     for name, argv in commands.items():
         if variant == "plain":
-            svc: dict = {"image": IMAGE, "command": argv, "volumes": _volumes(False)}
+            env = dict(RUNTIME_ENV) if name == "superlink" else {**RUNTIME_ENV, CACHE_ENV: CONTAINER_CACHE_DIR}
+            svc: dict = {"image": IMAGE, "command": argv, "environment": env, "volumes": _volumes(False)}
             if name == "superlink":
                 svc = {"build": {"context": ".", "dockerfile": "Dockerfile"}, **svc}
                 svc["ports"] = [f"{d.superlink_port}:{d.superlink_port}"]

@@ -114,7 +114,7 @@ def _rqm(args) -> dict:
         "bits_per_coordinate": p.bits,
         "rdp": values,
         "worst_pair": pairs,
-        "guarantee": "local (per-client output; also bounds the secure-aggregate sum)",
+        "guarantee": "local (per-client output; also bounds the secure-aggregate sum)", "hypothetical_note": "*_hypothetical_secure_aggregation: what secure aggregation (not run by fedkd) would give",
     }
     if composed:
         grid = tuple(sorted(set(rqm.DEFAULT_ALPHAS) | set(alphas)))
@@ -126,9 +126,9 @@ def _rqm(args) -> dict:
         agg = rqm.aggregate_rdp(p, alphas, args.clients)
         if agg is None:
             raise ConfigError("--clients", f"too many clients for the exact sum accountant (got {args.clients})")
-        out["rdp_secure_aggregate"] = {f"{a:g}": float(v) for a, v in zip(alphas, agg)}
+        out["rdp_hypothetical_secure_aggregation"] = {f"{a:g}": float(v) for a, v in zip(alphas, agg)}
         if composed:
-            out["epsilon_secure_aggregate"] = rqm.aggregate_epsilon(p, args.clients, args.coords, args.rounds, args.delta)
+            out["epsilon_hypothetical_secure_aggregation"] = rqm.aggregate_epsilon(p, args.clients, args.coords, args.rounds, args.delta)
     return out
 
 
