@@ -7,8 +7,7 @@ from pathlib import Path
 
 from fedkd.config import ExperimentConfig
 from fedkd.data import load_federation
-from fedkd.results import RunRecorder
-from fedkd.server import new_run_dir, run_server, summarize
+from fedkd.server import open_recorder, run_server, summarize
 
 
 def run_experiment(
@@ -19,6 +18,7 @@ def run_experiment(
     progress: bool = True,
     observers=None,
     echo=print,
+    resume: bool = False,
 ) -> dict:
     """Run ``cfg`` on its simulation backend. Returns the summary (also in ``<run dir>/summary.json``).
 
@@ -31,7 +31,7 @@ def run_experiment(
     t0 = time.perf_counter()
     fed = load_federation(cfg.data, cfg.run.seed)
     spec = build_strategy(cfg, fed)
-    recorder = RunRecorder(new_run_dir(cfg, out) if write else None)
+    recorder = open_recorder(cfg, out, write=write, resume=resume)  # resume: continue the run in `out` from its checkpoint
     if recorder.out_dir is not None:
         echo(f"run directory: {recorder.out_dir}")
     run = lambda grid: run_server(grid, cfg, recorder, spec=spec, progress=progress, observers=observers, echo=echo)  # noqa: E731
