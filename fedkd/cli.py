@@ -1,10 +1,12 @@
 """The ``fedkd`` command.
 
     fedkd run [CONFIG] [--set section.key=value ...] [--out DIR]
+    fedkd run --resume RUN_DIR
     fedkd report RUN_DIR
     fedkd sweep [CONFIG] --grid section.key=v1,v2 [--set ...] [--out DIR]   (fedkd/sweep.py)
 
 Bad configuration ends with one line on stderr naming the key, exit code 2, and no run directory.
+A run ends with exit code 0 (ok), 1 (failed), 3 (diverged), 130 (interrupted: Ctrl-C) or 143 (SIGTERM).
 Other subcommands (privacy, attack, deploy) register themselves through ``COMMANDS``.
 """
 
@@ -38,32 +40,64 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 def _run_args(p: argparse.ArgumentParser) -> None:
     add_experiment_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or interrupted run from its last checkpoint (its own config.toml)")
 
 
 @command("run", "run an experiment in simulation", _run_args)
 def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedkd.config import load_config
     from fedkd.experiment import run_experiment
+    from fedkd.preflight import preflight
+    from fedkd.recording import Diverged, RoundFailed
+    from fedkd.server import EXIT_CODES, Terminated
 
-    from fedkd.simulation import early_pool
-
-    pool = early_pool(args.config, args.overrides)  # Ray starts here while the config (and torch) load
-    if pool is None:
-        cfg = load_config(args.config, args.overrides)
+    pool = None
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume", "continues a run with its own config.toml; give no CONFIG, --set or --out")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise ConfigError("--resume", f"{str(run_dir)!r} is not a run directory (no config.toml)")
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise ConfigError("--resume", f"{str(run_dir)!r} holds no checkpoint.pt (no round finished, or run.checkpoint = false)")
+        cfg = load_config(run_dir / "config.toml")
+        preflight(cfg, run_dir)
+        out, resume = str(run_dir), True
     else:
-        from fedkd.experiment import _overlapped
+        from fedkd.simulation import early_pool
 
+        pool = early_pool(args.config, args.overrides)  # Ray starts here while the config (and torch) load
         try:
-            cfg = _overlapped(pool.start, lambda: load_config(args.config, args.overrides))
+            if pool is None:
+                cfg = load_config(args.config, args.overrides)
+            else:
+                from fedkd.experiment import _overlapped
+
+                cfg = _overlapped(pool.start, lambda: load_config(args.config, args.overrides))
+                if pool.key != type(pool).for_config(cfg, max_actors=cfg.data.num_clients).key:
+                    pool.close()
+                    pool = None
+            preflight(cfg, args.out)
         except BaseException:
-            pool.close()
+            if pool is not None:
+                pool.close()
             raise
-        if pool.key != type(pool).for_config(cfg, max_actors=cfg.data.num_clients).key:
-            pool.close()
-            pool = None
-    summary = run_experiment(cfg, args.out, progress=not args.no_progress, pool=pool, close_pool=True)
+        out, resume = args.out, False
+    try:
+        summary = run_experiment(cfg, out, progress=not args.no_progress, pool=pool, close_pool=True, resume=resume)
+    except Terminated:
+        print("fedkd: terminated (SIGTERM); summary.json says interrupted, `fedkd run --resume RUN_DIR` continues", file=sys.stderr)
+        return EXIT_CODES["terminated"]
+    except Diverged as e:
+        print(f"fedkd: diverged: {e}", file=sys.stderr)
+        return EXIT_CODES["diverged"]
+    except RoundFailed as e:
+        print(f"fedkd: failed: {e}", file=sys.stderr)
+        return EXIT_CODES["failed"]
     print_summary(summary)
-    return 0
+    return EXIT_CODES.get(summary.get("status"), 1)
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +133,9 @@ def print_summary(summary: dict) -> None:
         if k in summary:
             v = summary[k]
             print(f"  {k:<18} {v:.4g}" if isinstance(v, float) and 0 < abs(v) < 1e-3 else f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}")
+    counts = {k: v for k, v in (summary.get("faults_count") or {}).items() if v}
+    if counts:
+        print(f"  faults             {counts} (replies rejected/failed/missing; details in summary.json)")
     if summary.get("failures"):
         print(f"  failures           {json.dumps(summary['failures'][:3])}")
 
@@ -140,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedkd: interrupted", file=sys.stderr)
         return 130
+
 
 
 if __name__ == "__main__":

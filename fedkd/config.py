@@ -5,7 +5,7 @@ whose message is one line naming the key and what is allowed (the CLI prints it 
 
 Sections and keys (defaults = the default experiment)::
 
-    [run]        name, seed, rounds, device ("auto" | "cpu" | "cuda" | "cuda:N"), out_dir
+    [run]        name, seed, rounds, device ("auto" | "cpu" | "cuda" | "cuda:N"), out_dir, checkpoint
     [data]       dataset, data_dir, num_clients, partitioner, alpha, classes_per_client,
                  min_partition_size, client_test_fraction, server_test_fraction, max_samples,
                  num_subjects, records_per_subject, subjects_per_client, clients_per_subject, subject_separation,
@@ -13,10 +13,13 @@ Sections and keys (defaults = the default experiment)::
     [model]      name (a name or a list of names, assigned by partition id modulo its length),
                  hidden, dropout
     [train]      local_epochs, batch_size, lr, momentum, weight_decay
-    [strategy]   name, fraction_train, fraction_evaluate, proximal_mu
+    [strategy]   name, fraction_train, fraction_evaluate, proximal_mu, min_replies
     [privacy]    mechanism, noise_multiplier, target_epsilon, max_grad_norm, delta,
                  clip, extend, levels, keep_prob (rqm), theta, trials (pbm), reproducible_noise
-    [simulation] backend ("fast" | "flower"), ray_address, num_actors
+    [simulation] backend ("fast" | "flower"), ray_address, num_actors, gpus_per_actor, round_timeout
+
+Types are strict: an integer key takes an integer (or an integral float), a number key a finite number,
+a string key a string; a string is never converted into a number.
 
 Other modules add their own sections with :func:`register_section` (one frozen dataclass each,
 with an optional ``validate(self, cfg)`` method that raises ConfigError).
@@ -52,10 +55,11 @@ class RunConfig:
     rounds: int = 10
     device: str = "auto"
     out_dir: str = "runs"
+    checkpoint: bool = True  # write checkpoint.pt after every round (fedkd run --resume)
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(self.rounds >= 1, "run.rounds", f"must be >= 1 (got {self.rounds})")
-        _require(self.seed >= 0, "run.seed", f"must be >= 0 (got {self.seed})")
+        _require(0 <= self.seed < 2**32, "run.seed", f"must be in [0, 2**32 - 1] (got {self.seed})")
         ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _require(ok, "run.device", f"must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         _require(bool(self.name.strip()), "run.name", "must not be empty")
@@ -111,7 +115,7 @@ class DataConfig:
         )
         for key in ("client_test_fraction", "server_test_fraction"):
             v = getattr(self, key)
-            _require(0.0 <= v < 1.0, f"data.{key}", f"must be in [0, 1) (got {v})")
+            _require(0.0 < v < 1.0, f"data.{key}", f"must be in (0, 1) (got {v})")
         _require(self.max_samples >= 0, "data.max_samples", f"must be >= 0 (got {self.max_samples})")
         for key in ("num_subjects", "records_per_subject", "subjects_per_client", "clients_per_subject"):
             v = getattr(self, key)
@@ -198,6 +202,7 @@ class StrategyConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     proximal_mu: float = 0.01
+    min_replies: int = 1  # a training exchange with fewer valid replies fails the run
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         from fedkd.strategies import STRATEGIES
@@ -220,6 +225,11 @@ class StrategyConfig:
             f"must be in [0, 1] (got {self.fraction_evaluate})",
         )
         _require(self.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {self.proximal_mu})")
+        _require(
+            1 <= self.min_replies <= cfg.data.num_clients,
+            "strategy.min_replies",
+            f"must be in [1, data.num_clients = {cfg.data.num_clients}] (got {self.min_replies})",
+        )
 
 
 PRIVACY_MECHANISMS = ("none", "dp-sgd", "rqm", "gaussian", "pbm", "subject-dp")
@@ -301,6 +311,7 @@ class SimulationConfig:
     ray_address: str = ""
     num_actors: int = 0  # 0 = one per CPU (at most one per client)
     gpus_per_actor: float = 0.0  # with run.device = "cuda": GPU share each actor asks Ray for (0 = the GPUs split evenly)
+    round_timeout: float = 600.0  # seconds a message exchange waits for replies; late replies count as missing
 
     def validate(self, cfg: "ExperimentConfig") -> None:
         _require(
@@ -310,6 +321,7 @@ class SimulationConfig:
         )
         _require(self.num_actors >= 0, "simulation.num_actors", f"must be >= 0 (got {self.num_actors})")
         _require(0 <= self.gpus_per_actor < float("inf"), "simulation.gpus_per_actor", f"must be a finite number >= 0 (got {self.gpus_per_actor})")
+        _require(self.round_timeout > 0, "simulation.round_timeout", f"must be > 0 seconds (got {self.round_timeout})")
 
 
 # Section name -> dataclass. Extended by register_section().
@@ -504,22 +516,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value.lower() == "true"
         raise ConfigError(key, f"must be true or false (got {value!r})")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be an integer (got {value!r})")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(key, f"must be an integer (got {value!r})") from None
-        if not f.is_integer():
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             raise ConfigError(key, f"must be an integer (got {value!r})")
-        return int(f)
+        return int(value)
     if hint is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number (got {value!r})")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"must be a number (got {value!r})") from None
+            f = float(value)
+        except OverflowError:
+            f = math.inf
+        if not math.isfinite(f):
+            raise ConfigError(key, f"must be a finite number (got {value!r})")
+        return f
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(key, f"must be a string (got {value!r})")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from fedkd.config import ExperimentConfig
 from fedkd.data import load_federation
-from fedkd.results import RunRecorder
-from fedkd.server import new_run_dir, run_server, summarize
+from fedkd.server import open_recorder, run_server, summarize
 
 
 def run_experiment(
@@ -21,6 +20,7 @@ def run_experiment(
     echo=print,
     pool=None,
     close_pool: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Run ``cfg`` on its simulation backend. Returns the summary (also in ``<run dir>/summary.json``).
 
@@ -60,7 +60,7 @@ def run_experiment(
             if pool is not None:
                 pool.warm(cfg.to_json())  # the actors load the data while this thread does
             fed, spec = _prepare(cfg, build_strategy)
-        recorder = RunRecorder(new_run_dir(cfg, out) if write else None)
+        recorder = open_recorder(cfg, out, write=write, resume=resume)  # resume: continue the run in `out` from its checkpoint
     except BaseException:
         if own_pool is not None:
             own_pool.close()

@@ -3,12 +3,21 @@
 It sits between any strategy and any Grid (fast simulation, Flower's simulation, deployment), so
 strategies stay untouched. ``observers`` see every exchange as (round, sent, replies): this is how
 attacks record exactly what an honest-but-curious server observes.
+
+It is also where replies are checked, for every strategy alike (:class:`ReplyValidator`): a reply with
+non-finite arrays, arrays the server did not send (names, shapes, dtypes), or an implausible example
+count is dropped before the strategy sees it, and recorded with its node, round and reason. Error
+replies and missing replies (no answer within the timeout) are recorded the same way. A training
+exchange left with fewer valid replies than ``strategy.min_replies`` raises :class:`RoundFailed`; a
+server about to send non-finite arrays raises :class:`Diverged`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -18,6 +27,87 @@ from fedkd.results import RunRecorder
 Observer = Callable[[int, list[Message], list[Message]], None]
 
 SPLIT_OF = {"train": "train", "evaluate": "test", "query": "query"}
+FAULTS_SPLIT = "faults"  # metrics.csv split of rejected, failed and missing replies (metric = the kind, value 1)
+
+
+class Diverged(RuntimeError):
+    """The global model (or whatever the server sends) is no longer finite: the run stops with status ``diverged``."""
+
+    status = "diverged"
+
+
+class RoundFailed(RuntimeError):
+    """A training exchange ended with fewer valid replies than ``strategy.min_replies``."""
+
+    status = "failed"
+
+
+def nonfinite(arrays) -> str | None:
+    """Name of the first floating-point array holding NaN or Inf, else None."""
+    for name, arr in arrays.items():
+        a = arr.numpy()
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            return name
+    return None
+
+
+class ReplyValidator:
+    """What a plausible reply looks like, for any strategy.
+
+    - every floating-point array is finite;
+    - under a record name the server sent arrays in, the reply holds only names it sent, each with the shape
+      and dtype it sent, and all of them (``encoded=True``, for quantizing mechanisms: a subset, any unsigned
+      integer dtype);
+    - ``num-examples`` in a metric record is an integer in [0, max_examples] (>= 1 in a training reply),
+      ``max_examples`` being what the whole federation holds;
+    - ``extra(sent, reply)`` (a strategy's own ``check_reply``) has nothing to say.
+    """
+
+    def __init__(self, max_examples: int | None = None, *, encoded: bool = False, extra: Callable | None = None) -> None:
+        self.max_examples = max_examples
+        self.encoded = encoded
+        self.extra = extra
+
+    def __call__(self, sent: Message | None, reply: Message) -> str | None:
+        """None if ``reply`` is acceptable, else the reason (one line, starting with its kind)."""
+        try:
+            return self._check(sent, reply)
+        except Exception as e:  # an undecodable payload is a bad reply, not a server crash
+            return f"undecodable: {type(e).__name__}: {e}"
+
+    def _check(self, sent: Message | None, reply: Message) -> str | None:
+        train = reply.metadata.message_type.startswith("train")
+        ref_records = sent.content.array_records if sent is not None and sent.has_content() else {}
+        for rec_name, rec in reply.content.array_records.items():
+            ref = ref_records.get(rec_name)
+            if ref is not None and len(ref):
+                extra = sorted(set(rec.keys()) - set(ref.keys()))
+                if extra:
+                    return f"names: arrays {extra[:3]} in {rec_name!r} were not sent"
+                missing = sorted(set(ref.keys()) - set(rec.keys()))
+                if missing and not self.encoded:
+                    return f"names: arrays {missing[:3]} missing from {rec_name!r}"
+                for name, arr in rec.items():
+                    want = ref[name]
+                    if tuple(arr.shape) != tuple(want.shape):
+                        return f"shape: {rec_name}/{name} is {tuple(arr.shape)}, expected {tuple(want.shape)}"
+                    if arr.dtype != want.dtype and not (self.encoded and np.dtype(arr.dtype).kind == "u"):
+                        return f"dtype: {rec_name}/{name} is {arr.dtype}, expected {want.dtype}"
+            bad = nonfinite(rec)
+            if bad is not None:
+                return f"non-finite: {rec_name}/{bad} holds NaN or Inf"
+        for rec in reply.content.metric_records.values():
+            if keys.NUM_EXAMPLES not in rec:
+                continue
+            n = rec[keys.NUM_EXAMPLES]
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n != int(n):
+                return f"num-examples: {n!r} is not an integer"
+            low = 1 if train else 0
+            if n < low or (self.max_examples is not None and n > self.max_examples):
+                return f"num-examples: {int(n)} outside [{low}, {self.max_examples}] (the federation's size)"
+        if self.extra is not None:
+            return self.extra(sent, reply)
+        return None
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -52,11 +142,27 @@ def message_round(msg: Message) -> int | None:
 
 
 class RecordingGrid(Grid):
-    def __init__(self, inner: Grid, recorder: RunRecorder, observers: Iterable[Observer] = ()) -> None:
+    """``timeout`` caps every exchange's wait (``simulation.round_timeout``) whatever a strategy asks for;
+    ``validator`` checks each reply (None: no checks); ``min_replies``: see the module docstring."""
+
+    def __init__(
+        self,
+        inner: Grid,
+        recorder: RunRecorder,
+        observers: Iterable[Observer] = (),
+        *,
+        validator: ReplyValidator | None = None,
+        timeout: float | None = None,
+        min_replies: int = 1,
+    ) -> None:
         self.inner = inner
         self.recorder = recorder
         self.observers = list(observers)
         self.current_round = 0
+        self.validator = validator
+        self.timeout = timeout
+        self.min_replies = min_replies
+        self.partition_of: dict[int, str] = {}  # node id -> partition id, learnt from replies
 
     # -- delegation
     def set_run(self, run) -> None:
@@ -88,25 +194,73 @@ class RecordingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self._sent(messages)
+        if self.timeout is not None:
+            timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        self._received(replies)
+        self._received(replies, metrics=False)
         for obs in self.observers:
             obs(self.current_round, messages, replies)
-        train = [r for r in replies if r.metadata.message_type.startswith("train")]
-        if messages and messages[0].metadata.message_type.startswith("train") and train and all(r.has_error() for r in train):
-            raise RuntimeError(f"all {len(train)} clients failed in round {self.current_round}: {train[0].error.reason}")
+        replies = self._screen(messages, replies, timeout)
+        for r in replies:  # a rejected reply's metrics (NaN losses, lying counts) stay out of metrics.csv
+            self._metrics(r)
+        if messages and messages[0].metadata.message_type.startswith("train"):
+            need = max(1, min(self.min_replies, len(messages)))
+            if len(replies) < need:
+                now = [f for f in self.recorder.faults if f["round"] == self.current_round]
+                why = "; ".join(f["reason"] for f in now)[:300]
+                if now and len(now) >= len(messages) and all(f["reason"].startswith("non-finite") for f in now):
+                    raise Diverged(f"round {self.current_round}: every client's reply is non-finite ({why})")
+                raise RoundFailed(
+                    f"round {self.current_round}: {len(replies)} valid training replies of {len(messages)}, "
+                    f"fewer than strategy.min_replies = {need} ({why})"
+                )
         return replies
+
+    def _screen(self, messages: list[Message], replies: list[Message], timeout: float | None) -> list[Message]:
+        """Valid replies only; the others, and the messages nobody answered, are recorded."""
+        answered = {r.metadata.src_node_id for r in replies}
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                wait = f"within {timeout:g} s" if timeout is not None else "(the grid returned without it)"
+                self._fault(m.metadata.dst_node_id, "missing", f"no reply {wait}")
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        keep = []
+        for r in replies:
+            node = r.metadata.src_node_id
+            if r.has_error():
+                self._fault(node, "error", r.error.reason.splitlines()[0] if r.error.reason else f"error code {r.error.code}")
+                continue
+            reason = self.validator(sent.get(node), r) if self.validator is not None else None
+            if reason is not None:
+                self._fault(node, "rejected", reason)
+                continue
+            keep.append(r)
+        return keep
+
+    def _fault(self, node_id: int, kind: str, reason: str) -> None:
+        who = self.partition_of.get(node_id, f"node-{node_id}")
+        self.recorder.add_fault(self.current_round, who, kind, reason)
 
     # -- recording
     def _sent(self, messages: list[Message]) -> None:
+        checked: set[int] = set()
         for m in messages:
             rnd = message_round(m)
             if rnd is not None:
                 self.current_round = rnd
             self.recorder.bytes_down += payload_bytes(m.content)
             self.recorder.messages += 1
+            if self.validator is None or not m.has_content():
+                continue
+            for rec_name, rec in m.content.array_records.items():
+                if id(rec) in checked:  # a broadcast shares one record
+                    continue
+                checked.add(id(rec))
+                bad = nonfinite(rec)
+                if bad is not None:
+                    raise Diverged(f"round {self.current_round}: the server's {rec_name}/{bad} holds NaN or Inf")
 
-    def _received(self, replies: list[Message]) -> None:
+    def _received(self, replies: list[Message], metrics: bool = True) -> None:
         for r in replies:
             self.recorder.messages += 1
             if r.has_error():
@@ -115,7 +269,14 @@ class RecordingGrid(Grid):
             self.recorder.bytes_up += reply_bytes(r.content)
             self.recorder.bytes_up_arrays = getattr(self.recorder, "bytes_up_arrays", 0) + payload_bytes(r.content)
             node = r.content.config_records.get(keys.NODE)
-            who = node[keys.PARTITION_ID] if node is not None else f"node-{r.metadata.src_node_id}"
-            split = SPLIT_OF.get(r.metadata.message_type.split(".")[0], r.metadata.message_type)
-            for rec in r.content.metric_records.values():
-                self.recorder.add_many(self.current_round, who, split, dict(rec))
+            who = str(node[keys.PARTITION_ID]) if node is not None else f"node-{r.metadata.src_node_id}"
+            self.partition_of[r.metadata.src_node_id] = who
+            if metrics:
+                self._metrics(r, who)
+
+    def _metrics(self, r: Message, who: str | None = None) -> None:
+        if who is None:
+            who = self.partition_of.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
+        split = SPLIT_OF.get(r.metadata.message_type.split(".")[0], r.metadata.message_type)
+        for rec in r.content.metric_records.values():
+            self.recorder.add_many(self.current_round, who, split, dict(rec))

@@ -1,4 +1,6 @@
-"""A run directory: config.toml (resolved), metrics.csv (tidy, written as the run goes), summary.json.
+"""A run directory: config.toml (resolved), metrics.csv (tidy, written as the run goes), summary.json
+(rewritten atomically after every round, status ``running`` until the run ends), checkpoint.pt (the
+state after the last finished round, see fedkd.checkpoint) and model.pt (the final global model).
 
 metrics.csv columns: round, node, split, metric, value. ``node`` is ``server`` or a partition id;
 ``split`` is ``train`` (client training), ``test`` (a client's test split, or the server's test set
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,9 @@ class RunRecorder:
     bytes_down: int = 0
     messages: int = 0
     failures: list[str] = field(default_factory=list)
+    faults: list[dict] = field(default_factory=list)  # {round, node, kind: rejected|error|missing, reason}
+    status: str | None = None  # set where a run fails (e.g. "diverged"); summarize() prefers it
+    error: str | None = None
     t_start: float = field(default_factory=time.perf_counter)
     t_rounds_start: float | None = None
     t_rounds_end: float | None = None
@@ -53,6 +59,29 @@ class RunRecorder:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.add(server_round, node, split, k, v)
+
+    def add_fault(self, server_round: int, node: Any, kind: str, reason: str) -> None:
+        """A reply that was rejected, an error reply, or a missing one: a metrics.csv row and a summary entry."""
+        self.faults.append({"round": int(server_round), "node": str(node), "kind": kind, "reason": reason})
+        self.add(server_round, node, "faults", kind, 1.0)
+
+    # -- checkpointing (fedkd.checkpoint)
+    STATE_FIELDS = ("rows", "bytes_up", "bytes_down", "messages", "failures", "faults", "round_times")
+
+    def state(self) -> dict:
+        return {k: getattr(self, k) for k in self.STATE_FIELDS}
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``state``: metrics.csv is rewritten to hold exactly its rows."""
+        for k in self.STATE_FIELDS:
+            setattr(self, k, state[k])
+        self._flushed = 0
+        if self.out_dir is not None:
+            tmp = self.out_dir / "metrics.csv.tmp"
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerow(COLUMNS)
+            os.replace(tmp, self.out_dir / "metrics.csv")
+        self.flush()
 
     def start_rounds(self) -> None:
         self.t_rounds_start = self._t_round = time.perf_counter()
@@ -110,11 +139,49 @@ class RunRecorder:
         return out
 
 
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``path`` so that a reader (or a kill -9) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_summary(out_dir: Path | None, summary: dict) -> dict:
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
     if out_dir is not None:
-        Path(out_dir, "summary.json").write_text(json.dumps(clean, indent=2) + "\n")
+        atomic_write(Path(out_dir, "summary.json"), json.dumps(clean, indent=2) + "\n")
     return clean
+
+
+def summary_from_metrics(run_dir: Path, df: pd.DataFrame) -> dict:
+    """What a run directory without summary.json (a run killed before it could write one) still tells."""
+    import tomllib
+
+    conf = {}
+    if (run_dir / "config.toml").is_file():
+        conf = tomllib.loads((run_dir / "config.toml").read_text())
+    srv = df[(df["node"] == "server") & (df["split"] == "test")]
+    done = df[(df["node"] == "server") & (df["metric"] == "round_s")]
+    last = int(done["round"].max()) if len(done) else 0
+
+    def metric(name):
+        v = srv[(srv["round"] == last) & (srv["metric"] == name)]["value"]
+        return float(v.iloc[-1]) if len(v) else None
+
+    return {
+        "status": "unknown (no summary.json: the run was killed; metrics.csv holds the finished rounds)",
+        "run": conf.get("run", {}).get("name"),
+        "strategy": conf.get("strategy", {}).get("name"),
+        "dataset": conf.get("data", {}).get("dataset"),
+        "rounds": conf.get("run", {}).get("rounds"),
+        "rounds_completed": last,
+        "accuracy": metric("accuracy"),
+        "loss": metric("loss"),
+    }
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
@@ -122,9 +189,13 @@ def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
 
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
+    metrics_path = run_dir / "metrics.csv"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no metrics.csv)")
+    df = pd.read_csv(metrics_path, dtype={"node": str})
     if not summary_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no summary.json)")
-    return json.loads(summary_path.read_text()), pd.read_csv(run_dir / "metrics.csv", dtype={"node": str})
+        return summary_from_metrics(run_dir, df), df
+    return json.loads(summary_path.read_text()), df
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

@@ -3,21 +3,55 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 
 from fedkd import keys
 from fedkd.config import ExperimentConfig
 from fedkd.data import load_federation
-from fedkd.recording import Observer, RecordingGrid
+from fedkd.recording import Diverged, Observer, RecordingGrid, ReplyValidator, nonfinite
 from fedkd.results import RunRecorder, write_summary
+
+# exit codes of `fedkd run` by final status (2 is a bad configuration, before anything starts)
+EXIT_CODES = {"ok": 0, "failed": 1, "diverged": 3, "interrupted": 130, "terminated": 143}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: an interruption (status ``interrupted``), like Ctrl-C, not a failure."""
+
+
+@contextmanager
+def sigterm_interrupts():
+    """Turn SIGTERM into :class:`Terminated` while the rounds run (Ray's driver handler would sys.exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum} (SIGTERM)")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def status_of(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return getattr(exc, "status", "failed")
 
 # (column, width, format) of the per-round table
 TABLE_COLUMNS = [
@@ -70,6 +104,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reply_validator(cfg: ExperimentConfig, fed, strategy) -> ReplyValidator:
+    """Checks for every reply of this run (see fedkd.recording.ReplyValidator)."""
+    size = sum(len(c.train) + len(c.test) for c in fed.clients) + (len(fed.public) if getattr(fed, "public", None) is not None else 0)
+    encoded = cfg.privacy.mechanism in ("rqm", "pbm")  # quantized updates: level indices, float arrays only
+    return ReplyValidator(size, encoded=encoded, extra=getattr(strategy, "check_reply", None))
+
+
+def run_rounds(strategy, grid, arrays: ArrayRecord, *, first_round: int, num_rounds: int, timeout: float, train_config: ConfigRecord,
+               evaluate_config: ConfigRecord, evaluate_fn, on_round_end=None) -> Result:
+    """Flower's ``Strategy.start`` loop (train, aggregate, client evaluation, central evaluation), from
+    ``first_round`` on, with ``on_round_end(round, arrays)`` after each round (checkpoints) and a check that
+    the aggregate stays finite. Round 0's central evaluation is the caller's."""
+    result = Result()
+    for rnd in range(first_round, num_rounds + 1):
+        replies = grid.send_and_receive(messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+        agg_arrays, agg_metrics = strategy.aggregate_train(rnd, replies)
+        if agg_arrays is not None:
+            bad = nonfinite(agg_arrays)
+            if bad is not None:
+                raise Diverged(f"round {rnd}: the aggregated {bad} holds NaN or Inf")
+            result.arrays = arrays = agg_arrays
+        if agg_metrics is not None:
+            result.train_metrics_clientapp[rnd] = agg_metrics
+        replies = grid.send_and_receive(messages=strategy.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout=timeout)
+        agg_eval = strategy.aggregate_evaluate(rnd, replies)
+        if agg_eval is not None:
+            result.evaluate_metrics_clientapp[rnd] = agg_eval
+        if evaluate_fn is not None:
+            res = evaluate_fn(rnd, arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[rnd] = res
+        if on_round_end is not None:
+            on_round_end(rnd, arrays)
+    if result.arrays is None or not len(result.arrays):
+        result.arrays = arrays
+    return result
+
+
 def run_server(
     grid: Grid,
     cfg: ExperimentConfig,
@@ -80,9 +152,26 @@ def run_server(
     observers: list[Observer] | None = None,
     echo=print,
 ):
-    """Run the configured strategy on ``grid``; metrics go to ``recorder``. Returns Flower's Result."""
+    """Run the configured strategy on ``grid``; metrics go to ``recorder``. Returns Flower's Result.
+
+    Every reply is checked (fedkd.recording); with a run directory, a checkpoint and summary.json
+    (status ``running``) are written after every round. ``recorder.resume_from`` (a loaded checkpoint,
+    set by :func:`open_recorder`) continues a run after its last finished round. A failure sets
+    ``recorder.status`` (e.g. ``diverged``) before it propagates."""
+    try:
+        with sigterm_interrupts():
+            return _run_server(grid, cfg, recorder, spec=spec, progress=progress, observers=observers, echo=echo)
+    except BaseException as e:
+        if recorder.status is None:
+            recorder.status, recorder.error = status_of(e), f"{type(e).__name__}: {e}"
+        recorder.flush()
+        raise
+
+
+def _run_server(grid, cfg, recorder, *, spec, progress, observers, echo):
     from tqdm.auto import tqdm
 
+    from fedkd import checkpoint
     from fedkd.strategies import build_strategy
 
     seed_everything(cfg.run.seed)
@@ -90,22 +179,32 @@ def run_server(
     if spec is None:
         spec = build_strategy(cfg, fed)
     seed_everything(cfg.run.seed)
+    resume = getattr(recorder, "resume_from", None)
     conf = {keys.EXPERIMENT: cfg.to_json(), keys.CLIENT_LOGIC: spec.client, **(spec.extra_config or {})}
     observers = list(observers or [])
     for factory in OBSERVER_FACTORIES:
         obs = factory(cfg, recorder.out_dir)
         if obs is not None:
             observers.append(obs)
-    rgrid = RecordingGrid(grid, recorder, observers)
-    bar = tqdm(total=cfg.run.rounds, desc=f"{cfg.strategy.name} rounds", unit="round", disable=not progress, leave=False)
+    timeout = cfg.simulation.round_timeout
+    rgrid = RecordingGrid(grid, recorder, observers, validator=reply_validator(cfg, fed, spec.strategy), timeout=timeout,
+                          min_replies=cfg.strategy.min_replies)
+    first = 1 if resume is None else resume["round"] + 1
+    bar = tqdm(total=cfg.run.rounds, initial=first - 1, desc=f"{cfg.strategy.name} rounds", unit="round", disable=not progress, leave=False)
     if progress and echo is print:
         echo = tqdm.write  # keep the table above the progress bar
     echo(table_header())
+    save = recorder.out_dir is not None and cfg.run.checkpoint
+    model_meta = {"input_shape": list(fed.input_shape), "num_classes": int(fed.num_classes), "model": list(cfg.model.name)}
 
     def evaluate_fn(server_round, arrays):
         res = spec.evaluate_fn(server_round, arrays) if spec.evaluate_fn else None
         if res is not None:
             recorder.add_many(server_round, "server", "test", dict(res))
+            loss = dict(res).get(keys.LOSS)
+            if server_round > 0 and isinstance(loss, float) and not math.isfinite(loss):
+                recorder.end_round(server_round)
+                raise Diverged(f"round {server_round}: the global model's test loss is {loss}")
         if server_round == 0:
             recorder.flush()
             recorder.start_rounds()
@@ -116,19 +215,37 @@ def run_server(
             bar.update(1)
         return res
 
+    def on_round_end(server_round, arrays):
+        if save:
+            checkpoint.save_checkpoint(recorder.out_dir, server_round=server_round, arrays=arrays, strategy=spec.strategy, grid=grid,
+                                       recorder=recorder, cfg_json=cfg.to_json())
+        if recorder.out_dir is not None:
+            summarize(cfg, recorder, recorder.t_start, status="running")
+
+    arrays = spec.initial_arrays
+    if resume is not None:
+        arrays = resume["arrays"]
+        checkpoint.load_strategy_state(spec.strategy, resume["strategy"])
+        if resume.get("clients") is not None:
+            if hasattr(grid, "restore_client_states"):
+                grid.restore_client_states(resume["clients"])
+            elif any(len(s) for s in resume["clients"].values()):
+                echo("fedkd: warning: this grid cannot restore the clients' saved state; clients start from empty state")
+        checkpoint.set_rng_state(resume["rng"])
+        recorder.start_rounds()
+        echo(f"resuming after round {resume['round']}")
     try:
         with quiet_flower():
-            return spec.strategy.start(
-                grid=rgrid,
-                initial_arrays=spec.initial_arrays,
-                num_rounds=cfg.run.rounds,
-                timeout=3600,
-                train_config=ConfigRecord(dict(conf)),
-                evaluate_config=ConfigRecord(dict(conf)),
-                evaluate_fn=evaluate_fn,
-            )
+            if resume is None:
+                evaluate_fn(0, arrays)
+            result = run_rounds(spec.strategy, rgrid, arrays, first_round=first, num_rounds=cfg.run.rounds, timeout=timeout,
+                                train_config=ConfigRecord(dict(conf)), evaluate_config=ConfigRecord(dict(conf)), evaluate_fn=evaluate_fn,
+                                on_round_end=on_round_end)
     finally:
         bar.close()
+    if recorder.out_dir is not None:
+        checkpoint.save_model(recorder.out_dir, result.arrays, model_meta)
+    return result
 
 
 def summarize(cfg: ExperimentConfig, recorder: RunRecorder, t0: float, status: str = "ok", error: str | None = None) -> dict:
@@ -139,6 +256,9 @@ def summarize(cfg: ExperimentConfig, recorder: RunRecorder, t0: float, status: s
     loss = recorder.value(int(last), "server", "test", "loss")
     eps_rows = df[(df["metric"] == "epsilon") & (df["node"] != "server")]
     dp = cfg.privacy.mechanism != "none"
+    if status != "running" and recorder.status is not None:  # decided where the run failed (e.g. diverged)
+        status = recorder.status
+        error = error if error is not None and status == "failed" else (recorder.error or error)
     summary = {
         "status": status,
         "run": cfg.run.name,
@@ -160,12 +280,31 @@ def summarize(cfg: ExperimentConfig, recorder: RunRecorder, t0: float, status: s
         "delta": cfg.privacy.delta if dp else None,
         "backend": cfg.simulation.backend,
         "failures": recorder.failures[:20],
+        "faults": recorder.faults[:100],  # replies rejected, failed or missing: {round, node, kind, reason}
+        "faults_count": {k: sum(f["kind"] == k for f in recorder.faults) for k in ("rejected", "error", "missing")},
     }
     for hook in SUMMARY_HOOKS:
         summary.update(hook(cfg, recorder))
     if error is not None:
         summary["error"] = error
     return write_summary(recorder.out_dir, summary)
+
+
+def open_recorder(cfg: ExperimentConfig, out: str | Path | None, *, write: bool = True, resume: bool = False) -> RunRecorder:
+    """The run's recorder: a new run directory, none (``write=False``), or (``resume``) the run in ``out``
+    continued from its checkpoint (``recorder.resume_from``)."""
+    if not write:
+        return RunRecorder(None)
+    if not resume:
+        return RunRecorder(new_run_dir(cfg, out))
+    from fedkd import checkpoint
+
+    ckpt = checkpoint.load_checkpoint(out)
+    recorder = RunRecorder(None)
+    recorder.out_dir = Path(out)
+    recorder.restore(ckpt["recorder"])
+    recorder.resume_from = ckpt
+    return recorder
 
 
 def new_run_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:

@@ -149,7 +149,9 @@ def test_fedlgd_server_protocol_end_to_end(tmp_path, capsys):
 
     df = recorder.frame()
     srv = df[df["node"] == "server"].set_index(["round", "metric"])["value"]
-    assert srv[(2, "fedlgd_rejected_replies")] == 1 and srv[(1, "fedlgd_rejected_replies")] == 0
+    # node 1's NaN reply is rejected by the server's reply checks (fedkd.recording) before FedLGD sees it
+    assert srv[(2, "fedlgd_rejected_replies")] == 0 and srv[(1, "fedlgd_rejected_replies")] == 0
+    assert [(f["round"], f["kind"]) for f in recorder.faults] == [(2, "rejected")] and "non-finite" in recorder.faults[0]["reason"]
     for r in (1, 3):  # gradient matching lowered its distance at both refreshes
         assert srv[(r, "fedlgd_gm_distance_after")] < 0.8 * srv[(r, "fedlgd_gm_distance_before")]
     assert srv[(3, "fedlgd_global_version")] == 2
@@ -210,7 +212,10 @@ def test_bad_statistics_are_ignored_and_none_at_all_stops_the_run(tmp_path):
     recorder = RunRecorder(tmp_path / "a")
     run_server(InlineGrid(3, one_liar), cfg, recorder, spec=build_fedlgd(cfg, fed), progress=False, echo=lambda s: None)
     assert recorder.value(1, "server", "test", "fedlgd_stats_clients") == 2
-    assert recorder.value(1, "server", "test", "fedlgd_stats_bytes_up") == 3 * stats_bytes(fed)  # disclosed all the same
+    # the liar's NaN statistics are rejected by the server's reply checks before FedLGD counts them;
+    # the run's traffic counter still holds them (they were disclosed all the same)
+    assert recorder.value(1, "server", "test", "fedlgd_stats_bytes_up") == 2 * stats_bytes(fed)
+    assert recorder.bytes_up >= 3 * stats_bytes(fed) and [f["kind"] for f in recorder.faults] == ["rejected"]
 
     def all_bad(msg):
         return Message(RecordDict({keys.METRICS: MetricRecord({})}), reply_to=msg)
