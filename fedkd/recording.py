@@ -51,6 +51,18 @@ def nonfinite(arrays) -> str | None:
     return None
 
 
+def _matching_group(ref: dict, names: set) -> dict:
+    """``ref``, or the group of it the reply answers: a server that sends several models packed as
+    ``<group>/<name>`` (FedDF before it knows a node's architecture) gets back one group's plain names."""
+    if names <= set(ref) or not any("/" in k for k in ref):
+        return ref
+    for group in {k.split("/", 1)[0] for k in ref if "/" in k}:
+        sub = {k[len(group) + 1 :]: v for k, v in ref.items() if k.startswith(group + "/")}
+        if names == set(sub):
+            return sub
+    return ref
+
+
 class ReplyValidator:
     """What a plausible reply looks like, for any strategy.
 
@@ -81,6 +93,7 @@ class ReplyValidator:
         for rec_name, rec in reply.content.array_records.items():
             ref = ref_records.get(rec_name)
             if ref is not None and len(ref):
+                ref = _matching_group(dict(ref.items()), set(rec.keys()))
                 extra = sorted(set(rec.keys()) - set(ref.keys()))
                 if extra:
                     return f"names: arrays {extra[:3]} in {rec_name!r} were not sent"
