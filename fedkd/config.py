@@ -113,9 +113,15 @@ class DataConfig:
             "data.min_partition_size",
             f"must be >= 0 (got {self.min_partition_size})",
         )
-        for key in ("client_test_fraction", "server_test_fraction"):
-            v = getattr(self, key)
-            _require(0.0 < v < 1.0, f"data.{key}", f"must be in (0, 1) (got {v})")
+        _require(0.0 < self.server_test_fraction < 1.0, "data.server_test_fraction", f"must be in (0, 1) (got {self.server_test_fraction})")
+        # 0 = clients train on every record (membership inference); then nothing can evaluate on the clients
+        v = self.client_test_fraction
+        _require(0.0 <= v < 1.0, "data.client_test_fraction", f"must be in (0, 1) (got {v})")
+        _require(
+            v > 0.0 or cfg.strategy.fraction_evaluate == 0.0,
+            "data.client_test_fraction",
+            "0 leaves the clients no test split; it needs strategy.fraction_evaluate = 0",
+        )
         _require(self.max_samples >= 0, "data.max_samples", f"must be >= 0 (got {self.max_samples})")
         for key in ("num_subjects", "records_per_subject", "subjects_per_client", "clients_per_subject"):
             v = getattr(self, key)

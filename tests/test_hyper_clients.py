@@ -206,4 +206,4 @@ def test_end_to_end_on_both_backends(tmp_path, strategy, backend):
     spec = build_strategy(cfg, load_federation(cfg.data, 0))
     shapes = spec.strategy.hnet_shapes if strategy == "hyperfl" else spec.strategy.hnet.shapes
     per = payload_bytes(RecordDict({keys.ARRAYS: ArrayRecord({k: torch.zeros(v) for k, v in shapes.items()})}))
-    assert s["bytes_up"] == 2 * 3 * per and s["bytes_down"] == 2 * 2 * 3 * per
+    assert s["bytes_up_arrays"] == 2 * 3 * per and s["bytes_down"] == 2 * 2 * 3 * per  # bytes_up also counts metrics
