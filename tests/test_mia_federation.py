@@ -125,6 +125,7 @@ def test_record_mia_with_reference_federations(tmp_path):
     cfg = load_config(None, [
         "data.dataset=digits", "data.partitioner=iid", "data.num_clients=2", "data.server_test_fraction=0.5", "data.client_test_fraction=0",
         "data.max_samples=600", "model.hidden=[128]", "run.rounds=3", "train.local_epochs=10", "strategy.fraction_evaluate=0",
+        "privacy.reproducible_noise=true",  # seeded shuffles: the same federations, and the same scores, on every run
     ])
     res = run_record_mia(cfg, candidates=150, references=2, out_dir=tmp_path, parallel=False, seed=0)
     rows = {r["attack"]: r for r in res.rows}
