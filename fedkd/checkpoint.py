@@ -114,8 +114,19 @@ def _dumps(obj) -> bytes:
     return buf.getvalue()
 
 
+def _owned(arrays):
+    """Arrays received over gRPC (deployment) may view the message's buffer (memoryview), which cannot be
+    pickled: give each Array bytes of its own."""
+    for rec in ([arrays] if hasattr(arrays, "values") else []):
+        for a in rec.values():
+            if isinstance(getattr(a, "data", None), memoryview):
+                a.data = bytes(a.data)
+    return arrays
+
+
 def save_checkpoint(run_dir: Path, *, server_round: int, arrays, strategy, grid, recorder, cfg_json: str) -> Path:
     clients = grid.client_states() if hasattr(grid, "client_states") else None
+    arrays = _owned(arrays)
     ckpt = {
         "version": VERSION,
         "round": int(server_round),
