@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import io
+import copyreg
 import pickle
 import random
 import types
@@ -106,6 +107,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _memoryview_as_bytes(m: memoryview):
+    return bytes, (m.tobytes(),)
+
+
+# Records received over gRPC in deployment may view the message's buffer (memoryview, which pickle refuses);
+# in a checkpoint they become bytes of their own, wherever they sit (arrays, recorder, strategy attributes).
+copyreg.pickle(memoryview, _memoryview_as_bytes)
 
 
 def _dumps(obj) -> bytes:

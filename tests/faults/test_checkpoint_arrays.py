@@ -17,3 +17,10 @@ def test_arrays_viewing_a_received_buffer_are_checkpointable():
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
     assert (back["w"].numpy() == torch.arange(4.0).numpy()).all()
+
+
+def test_any_memoryview_in_a_checkpoint_is_saved_as_bytes():
+    from fedkd.checkpoint import _dumps
+
+    blob = _dumps({"recorder": [{"value": memoryview(b"abc")}]})
+    assert torch.load(io.BytesIO(blob), weights_only=False)["recorder"][0]["value"] == b"abc"
