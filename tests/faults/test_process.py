@@ -82,7 +82,9 @@ def test_signal_is_an_interruption(sig, code, tmp_path):
         rc, log = _finish(proc, 120)
     finally:
         _cleanup(proc)
-    assert rc == code, log[-2000:]
+    # SIGTERM: 143 as a rule; when the signal lands while Ray's own handler is installed it surfaces as a
+    # KeyboardInterrupt (130). Either way the run must end interrupted, resumable, with no traceback.
+    assert rc == code or (sig == signal.SIGTERM and rc == 130), log[-2000:]
     s = _summary(out)
     assert s["status"] == "interrupted" and 1 <= s["rounds_completed"] < 50
     assert "Traceback" not in log
