@@ -7,10 +7,9 @@ small federations at once.
   ``Result`` this is every model a participant of a FedAvg federation receives: a
   :class:`~fedkd.attacks.membership.RoundsObservation`. ``[membership] record_global_models = true`` also
   writes them to ``<run_dir>/global_models/round0003.pt`` in ordinary runs (simulation or deployment).
-- :class:`InProcessGrid`: a Flower ``Grid`` that runs fedkd's ClientApp in this process (the same
-  ``ClientHost`` a fast-simulation Ray actor runs), for federations too small to pay for actors.
 - :func:`run_federation`: one experiment (same ServerApp logic, strategies, privacy wrappers, ClientApp
-  and mods as ``fedkd run``) on that grid; returns its summary and the recorded rounds.
+  and mods as ``fedkd run``) on :class:`fedkd.attacks.inline.InlineGrid` (the ClientApp in this process,
+  for federations too small to pay for actors); returns its summary and the recorded rounds.
 - :func:`run_many`: many such federations in parallel, one Ray task each (a local Ray with
   ``num_cpus`` workers, or ``ray_address``), or serially with ``parallel=False``.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +26,7 @@ import torch
 from fedkd import keys
 from fedkd.config import register_section
 from fedkd.server import OBSERVER_FACTORIES
-from fedkd.attacks.inline import NodeHost
-from fedkd.simulation import NODE_ID_BASE, LocalGrid, node_config
+from fedkd.attacks.inline import InlineGrid
 
 from .membership import ModelObservation, RoundsObservation
 
@@ -111,33 +108,6 @@ OBSERVER_FACTORIES.append(_factory)
 
 
 # ---------------------------------------------------------------- in-process federations
-class InProcessGrid(LocalGrid):
-    """A Flower Grid whose nodes are fedkd ClientApps in this process (no Ray, no threads)."""
-
-    def __init__(self, num_nodes: int, run_id: int = 1) -> None:
-        from flwr.supercore.run import Run
-
-        threads = torch.get_num_threads()
-        self.node_ids = [NODE_ID_BASE + i for i in range(num_nodes)]
-        self.host = NodeHost({nid: node_config(i, num_nodes) for i, nid in enumerate(self.node_ids)}, run_id, threads=threads)
-        self._run = Run.create_empty(run_id)
-        self._done: dict = {}
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex
-            self._done[mid] = self.host.handle([m])[0]
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._done.pop(m) for m in list(message_ids) if m in self._done]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
 def run_federation(cfg, out: str | Path | None = None) -> tuple[dict, RoundsObservation]:
     """Run ``cfg`` in this process; returns (summary, every round's global model)."""
     from fedkd.data import load_federation
@@ -150,7 +120,7 @@ def run_federation(cfg, out: str | Path | None = None) -> tuple[dict, RoundsObse
     spec = build_strategy(cfg, fed)
     recorder = RunRecorder(new_run_dir(cfg, out) if out is not None else None)
     rec = GlobalModelRecorder(cfg)
-    result = run_server(InProcessGrid(cfg.data.num_clients), cfg, recorder, spec=spec, progress=False, observers=[rec], echo=lambda *_: None)
+    result = run_server(InlineGrid(cfg.data.num_clients), cfg, recorder, spec=spec, progress=False, observers=[rec], echo=lambda *_: None)
     rec.add_final(cfg.run.rounds, getattr(result, "arrays", None))
     summary = summarize(cfg, recorder, t0)
     return summary, rec.observation()

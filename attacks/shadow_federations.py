@@ -16,11 +16,12 @@ each), the candidates ride in through the canary hook (``audit.canary_file``).
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedkd.privacy.entropy import numpy_generator
 
 from fedkd.privacy.canaries import Canaries
 
@@ -51,7 +52,7 @@ def run_record_mia(cfg, *, candidates: int = 400, references: int = 8, out_dir: 
     pool = fed.server_test
     if len(pool) < candidates + 50:
         raise ValueError(f"the server test split has {len(pool)} records; need {candidates} candidates + >= 50 population records")
-    rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
+    rng = numpy_generator(seed)
     perm = rng.permutation(len(pool))
     cand, pop = perm[:candidates], perm[candidates:]
     x, y = pool.x[cand], pool.y[cand]

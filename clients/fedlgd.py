@@ -31,7 +31,6 @@ directory the server names exists on this machine (simulations, ``fedkd deploy l
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from fedkd import keys
 from fedkd.distill import class_channel_stats, grid_path, save_virtual_grid
 from fedkd.models import model_from_config
+from fedkd.privacy.entropy import torch_generator as private_generator  # OS entropy: the server cannot reproduce the client's draws
 from fedkd.training import predict_logits
 from fedkd.strategies.fedlgd import global_from_record, local_dm, local_loss, local_virtual_init, normalize, stats_record
 
@@ -49,11 +49,6 @@ from . import CLIENTS
 from .base import ClientEnv, ClientLogic, reply
 
 RUN_DIR_VALUE = "run"  # fedlgd.local_image_dir: the run directory named by the server, where this machine has it
-
-
-def private_generator() -> torch.Generator:
-    """A CPU generator seeded from OS entropy: the server cannot reproduce the client's draws."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def real_tensors(data, hp) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,6 @@ client logic seeds it from private entropy (:func:`private_rng`; tests may seed 
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -37,11 +36,10 @@ def private_rng(device: torch.device | str = "cpu") -> Iterator[torch.Generator]
     reseeds torch's global RNG (dropout masks; CUDA's too on a CUDA ``device``) for the duration, all from OS entropy
     (``secrets``) that the server cannot know. The global RNG state is restored afterwards (``torch.random.fork_rng``),
     so seeded code elsewhere in the process is unaffected."""
-    device = torch.device(device)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(secrets.randbits(63))  # CPU and every CUDA device
-        yield torch.Generator().manual_seed(secrets.randbits(63))
+    from fedkd.privacy.entropy import private_global_rng, torch_generator
+
+    with private_global_rng(device):
+        yield torch_generator()
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,39 @@ def message_round(msg: Message) -> int | None:
     return None
 
 
-class RecordingGrid(Grid):
+class DelegatingGrid(Grid):
+    """A Grid around ``inner`` that hands every call on; wrappers override what they change."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self.inner.get_node_ids()
+
+    def get_nodes(self):
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class RecordingGrid(DelegatingGrid):
     """``timeout`` caps every exchange's wait (``simulation.round_timeout``) whatever a strategy asks for;
     ``validator`` checks each reply (None: no checks); ``min_replies``: see the module docstring."""
 
@@ -168,7 +200,7 @@ class RecordingGrid(Grid):
         timeout: float | None = None,
         min_replies: int = 1,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.recorder = recorder
         self.observers = list(observers)
         self.current_round = 0
@@ -177,22 +209,8 @@ class RecordingGrid(Grid):
         self.min_replies = min_replies
         self.partition_of: dict[int, str] = {}  # node id -> partition id, learnt from replies
 
-    # -- delegation
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return self.inner.get_node_ids()
-
-    def get_nodes(self):
-        return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

@@ -96,6 +96,9 @@ def quiet_flower(verbose: bool = False):
 # SUMMARY_HOOKS: (cfg, recorder) -> dict of extra summary.json fields (e.g. privacy accounting).
 OBSERVER_FACTORIES: list = []
 SUMMARY_HOOKS: list = []
+# EXTRA_CLIENT_RECORDS: cfg -> how many records clients may hold beyond the federation (e.g. an audit's
+# canaries); the reply validator's bound on num-examples adds them.
+EXTRA_CLIENT_RECORDS: list = []
 
 
 def seed_everything(seed: int) -> None:
@@ -107,9 +110,7 @@ def seed_everything(seed: int) -> None:
 def reply_validator(cfg: ExperimentConfig, fed, strategy) -> ReplyValidator:
     """Checks for every reply of this run (see fedkd.recording.ReplyValidator)."""
     size = sum(len(c.train) + len(c.test) for c in fed.clients) + (len(fed.public) if getattr(fed, "public", None) is not None else 0)
-    audit = getattr(cfg, "audit", None)
-    if audit is not None and getattr(audit, "canary_file", ""):  # an audit's clients also train on their canaries
-        size += int(audit.canaries) * int(audit.records_per_canary) * max(int(getattr(audit, "clients_per_canary", 1)), 1)
+    size += sum(int(extra(cfg)) for extra in EXTRA_CLIENT_RECORDS)
     encoded = cfg.privacy.mechanism in ("rqm", "pbm")  # quantized updates: level indices, float arrays only
     return ReplyValidator(size, encoded=encoded, extra=getattr(strategy, "check_reply", None))
 

@@ -1,4 +1,5 @@
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -16,6 +17,31 @@ def small(*overrides: str):
     """A tiny digits federation: 4 clients, 2 rounds, 1 local epoch."""
     base = ["data.num_clients=4", "run.rounds=2", "train.local_epochs=1", "data.min_partition_size=5"]
     return load_config(None, base + list(overrides))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for a block (tiny models run many times faster on one thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -24,13 +24,7 @@ from fedkd.attacks.observation import local_observation
 from .conftest import small
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The attacks' many tiny ops run far faster on one thread on a shared CPU (measured: ~10x under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,6 @@ def _task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def image_arrays(msg: Message) -> list[tuple[str, tuple]]:

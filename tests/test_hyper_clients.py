@@ -32,12 +32,7 @@ HYPERFL = ("strategy.name=hyperfl", "model.name=hyperfl-cnn", "data.partitioner=
 PFEDHN = ("model.name=pfedhn-cnn", "data.partitioner=iid", "pfedhn.inner_steps=3")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (tests/conftest.py)
 
 
 def inline(cfg):

@@ -27,12 +27,7 @@ from fedkd.training import train
 from .conftest import small
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from fedkd.privacy import subject_dp_mechanism as sdm
 from fedkd.privacy.audit_run import run_audit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (tests/conftest.py)
 
 
 SUBJECTS = [

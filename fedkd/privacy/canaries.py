@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from fedkd.config import ConfigError, register_section
 from fedkd.data import ArrayDataset
+from fedkd.privacy.entropy import numpy_generator
 
 KINDS = ("auto", "record", "subject")
 CANARY_SUBJECT_BASE = 1_000_000
@@ -99,7 +99,7 @@ class Canaries:
 def make_canaries(kind: str, m: int, input_shape, num_classes: int, num_clients: int, *, records_per_canary: int = 4,
                   clients_per_canary: int = 1, seed: int | None = None) -> Canaries:
     """m canaries with coin flips from OS entropy (``seed`` only for reproducible debugging)."""
-    rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
+    rng = numpy_generator(seed)
     shape = tuple(input_shape)
     dim = int(np.prod(shape))
     lit = max(2, dim // 8)  # sparse binary prototypes: different canaries' inputs (and gradients) overlap little
@@ -170,3 +170,16 @@ def canary_hook(msg, env):
 from fedkd.clients.base import ENV_HOOKS  # noqa: E402
 
 ENV_HOOKS.append(canary_hook)
+
+
+def canary_records(cfg) -> int:
+    """At most how many canary records an audit adds to the clients (the reply validator's bound)."""
+    a = getattr(cfg, "audit", None)
+    if a is None or not a.canary_file:
+        return 0
+    return int(a.canaries) * int(a.records_per_canary) * max(int(a.clients_per_canary), 1)
+
+
+from fedkd.server import EXTRA_CLIENT_RECORDS  # noqa: E402
+
+EXTRA_CLIENT_RECORDS.append(canary_records)

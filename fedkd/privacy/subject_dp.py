@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -161,9 +160,9 @@ def calibrate_noise(target_epsilon: float, sample_rate: float, steps_per_round: 
 def private_generator(device: str | torch.device = "cpu", debug_seed: int | None = None) -> torch.Generator:
     """A generator seeded from OS entropy (the adversary cannot know it); ``debug_seed`` only for
     reproducible debugging, never in a run whose privacy is reported."""
-    g = torch.Generator(device=torch.device(device))
-    g.manual_seed(debug_seed if debug_seed is not None else secrets.randbits(63))
-    return g
+    from fedkd.privacy.entropy import torch_generator
+
+    return torch_generator(device, debug_seed)
 
 
 def poisson_sample_subjects(subjects: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
