@@ -155,7 +155,7 @@ def _load_commands() -> None:
     """Subcommands defined by other packages register on import."""
     import importlib
 
-    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli", "fedkd.sweep", "fedkd.privacy.audit_cli"):
+    for mod in ("fedkd.privacy.cli", "fedkd.attacks.cli", "fedkd.deploy.cli", "fedkd.sweep", "fedkd.privacy.audit_cli", "fedkd.bench.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

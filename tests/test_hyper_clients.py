@@ -201,4 +201,9 @@ def test_end_to_end_on_both_backends(tmp_path, strategy, backend):
     spec = build_strategy(cfg, load_federation(cfg.data, 0))
     shapes = spec.strategy.hnet_shapes if strategy == "hyperfl" else spec.strategy.hnet.shapes
     per = payload_bytes(RecordDict({keys.ARRAYS: ArrayRecord({k: torch.zeros(v) for k, v in shapes.items()})}))
-    assert s["bytes_up_arrays"] == 2 * 3 * per and s["bytes_down"] == 2 * 2 * 3 * per  # bytes_up also counts metrics
+    # one upload per train reply, one theta_i per train and evaluate message (replies counted from metrics.csv: under a
+    # heavily loaded machine Flower's engine has sampled fewer nodes in a round; the accounting must hold either way)
+    clients = df[df["node"] != "server"]
+    n_train, n_test = (clients[clients["split"] == split].groupby("round")["node"].nunique().sum() for split in ("train", "test"))
+    assert n_train >= 2 and n_test == 2 * 3
+    assert s["bytes_up_arrays"] == n_train * per and s["bytes_down"] == (n_train + n_test) * per  # bytes_up also counts metrics

@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package: ``fedkd bench defenses`` (``fedkd/bench/defenses.py``)."""
