@@ -120,3 +120,12 @@ def test_every_registered_row_builds_a_valid_config_on_the_datasets_it_runs_on()
                 load_config(None, bd.base_overrides(ds, name, 0, s))
             except ConfigError as e:  # pragma: no cover - the message says which row broke
                 pytest.fail(f"{name} on {ds}: {e}")
+
+
+def test_finished_cells_made_with_other_settings_are_not_reused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bd.STAGE_FNS, "utility", lambda *a: {"accuracy": 0.5})
+    args = ["bench", "defenses", "--datasets", "digits", "--defences", "fd", "--seeds", "0", "--workers", "1", "--out", str(tmp_path / "b")]
+    assert main(args + ["--rounds", "2"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--rounds", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err

@@ -308,7 +308,7 @@ def run_cell(dataset: str, defence: str, seed: int, s: BenchSettings) -> dict:
     folder = Path(s.out) / "cells" / name
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(s.out) / "runs" / name
-    cell = {"dataset": dataset, "defence": defence, "seed": seed, "quick": s.quick, "settings": s.label(), "metrics": {},
+    cell = {"dataset": dataset, "defence": defence, "seed": seed, "quick": s.quick, "settings": s.label(), "extra": list(s.extra), "metrics": {},
             "not_applicable": {}, "status": "ok", "reason": "", "stage_s": {}}
     t0 = time.perf_counter()
     d = DEFENCES.get(defence)
@@ -321,9 +321,10 @@ def run_cell(dataset: str, defence: str, seed: int, s: BenchSettings) -> dict:
             cell["not_applicable"][stage] = why
             continue
         path = folder / f"{stage}.json"
-        if path.exists():
-            part = json.loads(path.read_text())
-        else:
+        part = json.loads(path.read_text()) if path.exists() else None
+        if part is not None and (part.get("settings"), part.get("extra")) != (s.label(), list(s.extra)):
+            part = None  # a stage checkpoint of other settings: run it again
+        if part is None:
             ts = time.perf_counter()
             try:
                 part = {"metrics": STAGE_FNS[stage](dataset, defence, seed, s, work / stage), "s": time.perf_counter() - ts}
@@ -336,6 +337,7 @@ def run_cell(dataset: str, defence: str, seed: int, s: BenchSettings) -> dict:
                 cell.update(status="failed", reason=f"{stage}: {type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:],
                             cell_s=time.perf_counter() - t0)
                 return cell
+            part.update(settings=s.label(), extra=list(s.extra))
             _atomic_json(path, part)
         if "refused" in part:
             cell["not_applicable"][stage] = f"refused: {part['refused']}"
@@ -379,6 +381,10 @@ def run_grid(cells: list[tuple[str, str, int]], s: BenchSettings, *, workers: in
     """Run every pending cell (Ray tasks when ``workers`` > 1, else in this process); write each finished one."""
     out = Path(s.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    for f in (out / "cells").glob("*.json"):  # a finished cell counts only for the settings that made it
+        made = json.loads(f.read_text()).get("settings")
+        if made != s.label() or json.loads(f.read_text()).get("extra", list(s.extra)) != list(s.extra):
+            raise ConfigError("--out", f"{out} holds cells made with other settings ({made}); use another --out or the same settings")
     pending = [c for c in cells if not (out / "cells" / f"{cell_name(*c)}.json").exists()]
     echo(f"defence grid: {len(cells)} cells, {len(cells) - len(pending)} done before, {len(pending)} to run ({s.label()})")
     t0 = time.perf_counter()
