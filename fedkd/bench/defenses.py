@@ -483,9 +483,12 @@ def main(args) -> int:
     if not args.report_only:
         for ds, d, seed in cells[:1]:  # every override must load before anything runs (one line, exit 2)
             load_config(None, base_overrides(ds, d, seed, s))
-        run_grid(cells, s, workers=args.workers)
-    wall = time.perf_counter() - t0
-    paths = report.write_all(out, load_cells(out), s, wall_s=None if args.report_only else wall, command=" ".join(sys.argv))
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        ran = run_grid(cells, s, workers=args.workers)
+        with open(out / "invocations.jsonl", "a") as f:  # every invocation that ran cells, for the report's header
+            f.write(json.dumps({"command": " ".join(sys.argv), "started": started, "wall_s": time.perf_counter() - t0, "cells_run": len(ran),
+                                "load_average": os.getloadavg()}) + "\n")
+    paths = report.write_all(out, load_cells(out), s, invocations=report.read_invocations(out))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if not _all_done(out, cells):

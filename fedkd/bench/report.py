@@ -17,6 +17,7 @@ COLUMNS = [
     ("accuracy", "accuracy", ".3f"),
     ("personal_accuracy", "personal acc.", ".3f"),
     ("epsilon", "claimed eps", ".2f"),
+    ("audit_claimed_epsilon", "claim audited", ".2f"),
     ("audit_epsilon_lb", "audited eps LB", ".2f"),
     ("psnr", "inversion PSNR dB", ".1f"),
     ("class_baseline_psnr", "class-mean PSNR", ".1f"),
@@ -31,7 +32,7 @@ COLUMNS = [
     ("wall_s", "train s", ".1f"),
 ]
 STAGE_OF = {"psnr": "inversion", "ssim": "inversion", "class_baseline_psnr": "inversion", "baseline_psnr": "inversion",
-            "record_auc": "record_mia", "record_tpr_at_1pct_fpr": "record_mia", "audit_epsilon_lb": "audit",
+            "record_auc": "record_mia", "audit_claimed_epsilon": "audit", "record_tpr_at_1pct_fpr": "record_mia", "audit_epsilon_lb": "audit",
             "subject_auc": "utility", "subject_tpr_at_1pct_fpr": "utility"}
 PLOTS = [("psnr", "inversion PSNR (dB, higher = more leakage)"), ("record_auc", "record MIA AUC (RMIA)"),
          ("subject_auc", "subject MIA AUC"), ("audit_epsilon_lb", "audited epsilon lower bound")]
@@ -176,7 +177,14 @@ def html_report(rows: list[dict], header: list[str], pngs: list[Path], cells: pd
     return path
 
 
-def write_all(out: Path, cells: list[dict], settings, *, wall_s: float | None, command: str) -> dict[str, Path]:
+def read_invocations(out: Path) -> list[dict]:
+    import json
+
+    path = Path(out) / "invocations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def write_all(out: Path, cells: list[dict], settings, *, invocations: list[dict]) -> dict[str, Path]:
     out = Path(out)
     df = tidy(cells)
     paths = {"csv": out / "defenses.csv", "cells": out / "cells.csv", "markdown": out / "defenses.md", "html": out / "report.html"}
@@ -191,8 +199,10 @@ def write_all(out: Path, cells: list[dict], settings, *, wall_s: float | None, c
                   f"{sum(c['status'] == 'refused' for c in cells)} refused, {sum(c['status'] == 'failed' for c in cells)} failed. "
                   "Values: mean ± half-width of the 95% Student-t interval over seeds (no ± with one seed).")
     cell_s = ct["cell_s"].dropna().sum() if "cell_s" in ct else 0.0
-    header.append(f"Command: `{command}`; " + (f"this invocation's wall time {wall_s:.0f} s; " if wall_s is not None else "")
-                  + f"sum of cell times {cell_s:.0f} s; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
+    for inv in invocations:
+        header.append(f"Ran `{inv['command']}` at {inv['started']}: {inv['cells_run']} cells in {inv['wall_s']:.0f} s "
+                      f"(load average at the end {inv['load_average'][0]:.1f}).")
+    header.append(f"Sum of cell times {cell_s:.0f} s; table written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     rows = summary_rows(cells, df)
     paths["markdown"].write_text(markdown(rows, header) + "\n")
     pngs = []
