@@ -46,6 +46,8 @@ def refused_row(monkeypatch):
 
 
 def test_a_tiny_grid_runs_every_stage_and_writes_every_output(tmp_path, refused_row, capsys, one_thread):
+    # two cells at a time as Ray tasks (the parallel path), then the refused row (registered here only: in this process)
+    assert main(_args(tmp_path, "--datasets", "digits", "--defences", "none", "fd", "--seeds", "0", "1", "--workers", "2")) == 0
     assert main(_args(tmp_path, "--datasets", "digits", "--defences", "none", "fd", "fd-dp-sgd", "--seeds", "0", "1")) == 0
     out = tmp_path / "b"
     df = pd.read_csv(out / "defenses.csv")
@@ -68,8 +70,8 @@ def test_a_tiny_grid_runs_every_stage_and_writes_every_output(tmp_path, refused_
 
     # a rerun skips every finished cell and rebuilds the same table
     capsys.readouterr()
-    assert main(_args(tmp_path, "--datasets", "digits", "--defences", "none", "fd", "fd-dp-sgd", "--seeds", "0", "1")) == 0
-    assert "6 cells, 6 done before, 0 to run" in capsys.readouterr().out
+    assert main(_args(tmp_path, "--datasets", "digits", "--defences", "none", "fd", "fd-dp-sgd", "--seeds", "0", "1", "0")) == 0
+    assert "6 cells, 6 done before, 0 to run" in capsys.readouterr().out  # and seed 0 twice is one cell
     assert pd.read_csv(out / "defenses.csv").equals(df)
 
 
@@ -129,3 +131,21 @@ def test_finished_cells_made_with_other_settings_are_not_reused(tmp_path, monkey
     capsys.readouterr()
     assert main(args + ["--rounds", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_stage_that_died_half_way_is_run_again_from_scratch(tmp_path, monkeypatch, one_thread):
+    """The inversion stage's federation finished, then the attack died: the rerun must not trip over its run directory."""
+    import fedkd.attacks.runner as runner
+
+    real = runner.attack_run_dir
+    monkeypatch.setattr(runner, "attack_run_dir", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed mid-attack")))
+    args = _args(tmp_path, "--datasets", "digits", "--defences", "none", "--seeds", "0", "--stages", "utility", "inversion")
+    assert main(args) == 1
+    assert (tmp_path / "b" / "runs" / "digits-none-s0" / "inversion").exists()
+    monkeypatch.setattr(runner, "attack_run_dir", real)
+    assert main(args) == 0
+    df = pd.read_csv(tmp_path / "b" / "defenses.csv")
+    assert "psnr" in set(df["metric"]) and not (tmp_path / "b" / "cells" / "digits-none-s0" / "failed.json").exists()
+    # a later run asking for more stages does not take the two-stage cell as finished
+    assert main(args[:-3] + ["--stages", "utility", "inversion", "audit"]) == 0
+    assert "audit_epsilon_lb" in set(pd.read_csv(tmp_path / "b" / "defenses.csv")["metric"])

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -61,6 +62,8 @@ MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 IMAGE_DATASETS = ("digits", "mnist")
 KNOWN_PER_SIDE = 3  # subject MIA: subjects of known membership the adversary calibrates on, per side
 STAGES = ("utility", "inversion", "record_mia", "audit")
+SUBJECT_ATTACK = "loss-across-rounds"  # the subject MIA reported in the table (both are in the CSV)
+RECORD_ATTACK = "rmia-online"  # the record MIA reported in the table (LOSS and LiRA are in the CSV)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class Defence:
 
     overrides: tuple[str, ...]
     description: str
-    inversion: tuple[str, ...] = ("ig",)  # attacks on the server's observation of one client's reply; () = nothing to invert
+    inversion: tuple[str, ...] = ("ig",)  # attacks on the server's observation of one client's reply (the first is the headline)
     no_inversion: str = ""  # why not, when ``inversion`` is empty
     global_model: bool = True  # the server holds a global model (record and subject MIA target it)
     no_global_model: str = ""
@@ -79,7 +82,7 @@ class Defence:
 
 
 DEFENCES: Registry[Defence] = Registry("defence")
-_SERVER_HAS_NO_MODEL = "the server never holds a model (clients upload logits)"
+_SERVER_HAS_NO_MODEL = "not built: the server holds no model (clients upload logits; a logit-based MIA is not built)"
 
 
 def _dp(mech: str, eps: float, extra=()) -> tuple[str, ...]:
@@ -98,10 +101,10 @@ DEFENCES.add("subject-dp-eps1", Defence(_dp("subject-dp", 1.0, ("subject_dp.subj
 DEFENCES.add("subject-dp-eps8", Defence(_dp("subject-dp", 8.0, ("subject_dp.subjects_per_step=3",)), "FedAvg + subject-level DP, eps 8",
                                         claims=True, datasets=("subjects",)))
 DEFENCES.add("hyperfl", Defence(("strategy.name=hyperfl", "model.name=hyperfl-cnn"), "HyperFL (clients upload hypernetwork gradients)",
-                                inversion=("hyperfl-ig", "hyperfl-dia", "hyperfl-rank1"), global_model=False,
+                                inversion=("hyperfl-rank1", "hyperfl-ig", "hyperfl-dia"), global_model=False,
                                 no_global_model="each client's model uses its private embedding and head", datasets=IMAGE_DATASETS))
 DEFENCES.add("pfedhn", Defence(("strategy.name=pfedhn", "model.name=pfedhn-cnn"), "pFedHN (server-side hypernetwork, personal models)",
-                               global_model=False, no_global_model="personal models only (a per-client MIA is not built)", datasets=IMAGE_DATASETS))
+                               global_model=False, no_global_model="not built: personal models only (a per-client MIA)", datasets=IMAGE_DATASETS))
 DEFENCES.add("fd", Defence(("strategy.name=fd",), "FD (federated distillation: per-class logits)", inversion=(),
                            no_inversion="no model or gradient is uploaded", global_model=False, no_global_model=_SERVER_HAS_NO_MODEL,
                            datasets=IMAGE_DATASETS))
@@ -146,7 +149,8 @@ class BenchSettings:
         return self.attack_steps, self.attack_restarts
 
     def label(self) -> str:
-        s = [f"{self.rounds} rounds", f"{self.clients} clients", f"MNIST {self.mnist_samples} records", f"{self.local_epochs} local epoch(s)",
+        s = [f"{self.rounds} rounds", f"{self.clients} clients ({max(self.clients, 4)} on subjects)", f"MNIST {self.mnist_samples} records",
+             f"inversion batch {self.attack_batch}", f"{self.local_epochs} local epoch(s)",
              f"record MIA {self.candidates} candidates / {self.references} reference federations", f"audit {self.canaries} canaries"]
         steps, restarts = self.inversion_budget()
         if steps or restarts:
@@ -190,8 +194,10 @@ def stage_utility(dataset, defence, seed, s: BenchSettings, work: Path) -> dict:
     cfg = load_config(None, base_overrides(dataset, defence, seed, s))
     summary, rounds = run_federation(cfg, work / "utility")
     out = {k: summary.get(k) for k in ("accuracy", "personal_accuracy", "epsilon", "delta", "bytes_up", "bytes_down", "wall_s")}
-    out["privacy_unit"] = summary.get("privacy_unit")
-    out["status"] = summary.get("status")
+    for k in ("privacy_unit", "privacy_relation", "privacy_trust_model", "status", "error"):
+        out[k] = summary.get(k)
+    if out["status"] != "ok":
+        return out  # run_cell records the cell with this status; nothing to attack
     d = DEFENCES.get(defence)
     if dataset == "subjects" and d.global_model:
         out.update(subject_mia(cfg, rounds))
@@ -218,15 +224,16 @@ def subject_mia(cfg, rounds) -> dict:
     samples = mb.SubjectSamples(np.concatenate(xs), np.concatenate(ys), np.concatenate(ss))
     known_ids = np.r_[np.flatnonzero(members)[:KNOWN_PER_SIDE], np.flatnonzero(~members)[:KNOWN_PER_SIDE]]
     known = mb.KnownMembership(known_ids, members[known_ids])
-    out, best = {}, None
+    out = {}
     for name, res in (("loss-threshold", sm.loss_threshold(rounds.models[-1], samples, known)),
                       ("loss-across-rounds", sm.loss_across_rounds(rounds, samples, known))):
         unseen = sm.unknown_subjects(res, known)
         row = mm.summary(res.scores[unseen], members[unseen], name)
         out[f"subject_{name}_auc"], out[f"subject_{name}_tpr_at_1pct_fpr"] = row["auc"], row["tpr_at_1pct_fpr"]
-        if best is None or row["auc"] > best["auc"]:
-            best = row
-    out["subject_auc"], out["subject_tpr_at_1pct_fpr"], out["subject_attack"] = best["auc"], best["tpr_at_1pct_fpr"], best["attack"]
+        out["subject_fpr_resolved_1pct"] = int(row["fpr_resolved_1pct"])
+        out["subject_non_members"] = row["non_members"]
+    # the headline is fixed in advance (the server sees every round): no choice made with the ground truth
+    out["subject_auc"], out["subject_tpr_at_1pct_fpr"] = out[f"subject_{SUBJECT_ATTACK}_auc"], out[f"subject_{SUBJECT_ATTACK}_tpr_at_1pct_fpr"]
     return out
 
 
@@ -235,21 +242,23 @@ def stage_inversion(dataset, defence, seed, s: BenchSettings, work: Path) -> dic
     from fedkd.attacks.runner import attack_run_dir
 
     d = DEFENCES.get(defence)
+    # the whole run (a mechanism calibrates its noise to run.rounds), attacked in round 2 (round 1 when there is one):
+    # FedDF learns each node's architecture from its first reply
     base = base_overrides(dataset, defence, seed, s) + [
-        "run.rounds=1", "attack.setting=gradient", f"attack.batch_size={s.attack_batch}", "attack.rounds=[1]", "attack.clients=[0]",
+        "attack.setting=gradient", f"attack.batch_size={s.attack_batch}", f"attack.rounds=[{min(2, s.rounds)}]", "attack.clients=[0]",
         "strategy.fraction_evaluate=0", f"attack.steps={s.inversion_budget()[0]}", f"attack.restarts={s.inversion_budget()[1]}",
     ]
     cfg = load_config(None, base + [f"attack.name={d.inversion[0]}"])
     run_dir = work / "inversion"
     run_federation(cfg, run_dir)
-    out, best = {}, None
+    out, head = {}, None
     for attack in d.inversion:
         acfg = load_config(None, base + [f"attack.name={attack}"])
         res = attack_run_dir(run_dir, acfg, out=run_dir / attack, echo=lambda *_: None)
         for k in ("psnr", "ssim"):
             out[f"inv_{attack}_{k}"] = res.get(k)
-        if best is None or res["psnr"] > best["psnr"]:
-            best = res
+        head = head or res  # the row's first attack is its headline, fixed in advance (the others are in the CSV)
+    best = head
     for k in ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "class_baseline_psnr", "class_baseline_ssim", "label_acc"):
         out[k] = best.get(k)
     out["inversion_attack"] = best["attack"]
@@ -266,7 +275,8 @@ def stage_record_mia(dataset, defence, seed, s: BenchSettings, work: Path) -> di
     for row in res.rows:
         name = row["attack"]
         out[f"record_{name}_auc"], out[f"record_{name}_tpr_at_1pct_fpr"] = row["auc"], row["tpr_at_1pct_fpr"]
-    out["record_auc"], out["record_tpr_at_1pct_fpr"] = out["record_rmia-online_auc"], out["record_rmia-online_tpr_at_1pct_fpr"]
+        out["record_fpr_resolved_1pct"], out["record_non_members"] = int(row["fpr_resolved_1pct"]), row["non_members"]
+    out["record_auc"], out["record_tpr_at_1pct_fpr"] = out[f"record_{RECORD_ATTACK}_auc"], out[f"record_{RECORD_ATTACK}_tpr_at_1pct_fpr"]
     return out
 
 
@@ -277,7 +287,7 @@ def stage_audit(dataset, defence, seed, s: BenchSettings, work: Path) -> dict:
     rep = run_audit(cfg, runs=1, out_dir=work / "audit", parallel=False, echo=lambda *_: None)
     b = rep["bounds"]["one-run"]
     return {"audit_epsilon_lb": b["epsilon"], "audit_claimed_epsilon": rep["claimed_epsilon"], "audit_unit": rep["unit"],
-            "audit_ok": rep["ok"]}
+            "audit_violated": int(not rep["ok"])}
 
 
 STAGE_FNS = {"utility": stage_utility, "inversion": stage_inversion, "record_mia": stage_record_mia, "audit": stage_audit}
@@ -308,7 +318,8 @@ def run_cell(dataset: str, defence: str, seed: int, s: BenchSettings) -> dict:
     folder = Path(s.out) / "cells" / name
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(s.out) / "runs" / name
-    cell = {"dataset": dataset, "defence": defence, "seed": seed, "quick": s.quick, "settings": s.label(), "extra": list(s.extra), "metrics": {},
+    cell = {"dataset": dataset, "defence": defence, "seed": seed, "quick": s.quick, "settings": s.label(), "extra": list(s.extra),
+            "stages": list(s.stages), "metrics": {},
             "not_applicable": {}, "status": "ok", "reason": "", "stage_s": {}}
     t0 = time.perf_counter()
     d = DEFENCES.get(defence)
@@ -326,6 +337,7 @@ def run_cell(dataset: str, defence: str, seed: int, s: BenchSettings) -> dict:
             part = None  # a stage checkpoint of other settings: run it again
         if part is None:
             ts = time.perf_counter()
+            shutil.rmtree(work / stage, ignore_errors=True)  # a stage that died half-way left its run directory
             try:
                 part = {"metrics": STAGE_FNS[stage](dataset, defence, seed, s, work / stage), "s": time.perf_counter() - ts}
             except ConfigError as e:
@@ -343,6 +355,9 @@ def run_cell(dataset: str, defence: str, seed: int, s: BenchSettings) -> dict:
             cell["not_applicable"][stage] = f"refused: {part['refused']}"
         cell["metrics"].update(part.get("metrics", {}))
         cell["stage_s"][stage] = part["s"]
+        if stage == "utility" and cell["metrics"].get("status") not in (None, "ok"):
+            cell.update(status=cell["metrics"]["status"], reason=str(cell["metrics"].get("error") or "")[:500], cell_s=time.perf_counter() - t0)
+            return cell  # e.g. diverged: recorded as such, not averaged with the runs that finished
     cell["cell_s"] = time.perf_counter() - t0
     return cell
 
@@ -359,7 +374,11 @@ def _remote_cell(args_json: str, extra_path: list[str]) -> dict:
             sys.path.insert(0, p)
     a = json.loads(args_json)
     s = BenchSettings(**{**a["settings"], "stages": tuple(a["settings"]["stages"]), "extra": tuple(a["settings"]["extra"])})
-    return run_cell(a["dataset"], a["defence"], a["seed"], s)
+    try:
+        return run_cell(a["dataset"], a["defence"], a["seed"], s)
+    except Exception as e:  # noqa: BLE001 - not every exception survives Ray's pickling: send the words
+        return {"dataset": a["dataset"], "defence": a["defence"], "seed": a["seed"], "status": "failed", "metrics": {}, "not_applicable": {},
+                "reason": f"{type(e).__name__}: {e}"[:500], "traceback": traceback.format_exc()[-3000:]}
 
 
 # ---------------------------------------------------------------- the grid
@@ -374,6 +393,7 @@ def plan(datasets, defences, seeds) -> list[tuple[str, str, int]]:
     for ds in datasets:
         if ds not in (*IMAGE_DATASETS, "subjects"):
             raise ConfigError("--datasets", f"unknown dataset {ds!r}; valid: digits, mnist, subjects")
+    datasets, defences, seeds = (list(dict.fromkeys(x)) for x in (datasets, defences, seeds))  # a name twice: one cell
     return [(ds, d, seed) for ds in datasets for d in defences if ds in DEFENCES.get(d).datasets for seed in seeds]
 
 
@@ -385,7 +405,7 @@ def run_grid(cells: list[tuple[str, str, int]], s: BenchSettings, *, workers: in
         made = json.loads(f.read_text()).get("settings")
         if made != s.label() or json.loads(f.read_text()).get("extra", list(s.extra)) != list(s.extra):
             raise ConfigError("--out", f"{out} holds cells made with other settings ({made}); use another --out or the same settings")
-    pending = [c for c in cells if not (out / "cells" / f"{cell_name(*c)}.json").exists()]
+    pending = [c for c in cells if not _done(out, c, s)]
     echo(f"defence grid: {len(cells)} cells, {len(cells) - len(pending)} done before, {len(pending)} to run ({s.label()})")
     t0 = time.perf_counter()
     done: list[dict] = []
@@ -393,10 +413,13 @@ def run_grid(cells: list[tuple[str, str, int]], s: BenchSettings, *, workers: in
     def finish(cell: dict) -> None:
         done.append(cell)
         name = cell_name(cell["dataset"], cell["defence"], cell["seed"])
+        failed = out / "cells" / name / "failed.json"
         if cell["status"] != "failed":
             _atomic_json(out / "cells" / f"{name}.json", cell)
+            failed.unlink(missing_ok=True)
         else:
-            _atomic_json(out / "cells" / name / "failed.json", cell)
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_json(failed, cell)
         elapsed = time.perf_counter() - t0
         eta = elapsed / len(done) * (len(pending) - len(done))
         extra = f": {cell['reason'][:160]}" if cell["reason"] else ""
@@ -433,8 +456,21 @@ def run_grid(cells: list[tuple[str, str, int]], s: BenchSettings, *, workers: in
     return done
 
 
+def _done(out: Path, cell: tuple[str, str, int], s: BenchSettings) -> bool:
+    """Finished, with every stage asked for this time (a run with fewer --stages does not finish a cell)."""
+    path = out / "cells" / f"{cell_name(*cell)}.json"
+    if not path.exists():
+        return False
+    return set(s.stages) <= set(json.loads(path.read_text()).get("stages", STAGES))
+
+
 def load_cells(out: Path) -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted((Path(out) / "cells").glob("*.json"))]
+    """Finished cells, and the last failure of every cell that has not finished (the report shows both)."""
+    folder = Path(out) / "cells"
+    cells = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    done = {cell_name(c["dataset"], c["defence"], c["seed"]) for c in cells}
+    cells += [json.loads(f.read_text()) for f in sorted(folder.glob("*/failed.json")) if f.parent.name not in done]
+    return cells
 
 
 # ---------------------------------------------------------------- command line
@@ -461,6 +497,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args) -> BenchSettings:
+    if args.attack_batch < 1:
+        raise ConfigError("--attack-batch", f"must be >= 1 (got {args.attack_batch})")
     if args.attack_steps < 0 or args.attack_restarts < 0:
         raise ConfigError("--attack-steps", "must be >= 0 (0 = the paper default)")
     if args.rounds < 1 or args.clients < 2 or args.references < 2 or args.candidates < 10 or args.canaries < 2:
@@ -481,8 +519,8 @@ def main(args) -> int:
     cells = plan(datasets, args.defences or DEFENCES.names(), args.seeds)
     t0 = time.perf_counter()
     if not args.report_only:
-        for ds, d, seed in cells[:1]:  # every override must load before anything runs (one line, exit 2)
-            load_config(None, base_overrides(ds, d, seed, s))
+        for ds in dict.fromkeys(ds for ds, _, _ in cells):  # the --set overrides must load on every dataset (one line, exit 2)
+            load_config(None, base_overrides(ds, "none", 0, s))
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         ran = run_grid(cells, s, workers=args.workers)
         with open(out / "invocations.jsonl", "a") as f:  # every invocation that ran cells, for the report's header
@@ -491,11 +529,8 @@ def main(args) -> int:
     paths = report.write_all(out, load_cells(out), s, invocations=report.read_invocations(out))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if not _all_done(out, cells):
+    if not all(_done(out, c, s) for c in cells):
         print("some cells failed (their reasons are in cells.csv); run the same command again to retry them", file=sys.stderr)
         return 1
     return 0
 
-
-def _all_done(out: Path, cells) -> bool:
-    return all((out / "cells" / f"{cell_name(*c)}.json").exists() for c in cells)

@@ -23,6 +23,7 @@ COLUMNS = [
     ("class_baseline_psnr", "class-mean PSNR", ".1f"),
     ("baseline_psnr", "mean-image PSNR", ".1f"),
     ("ssim", "SSIM", ".3f"),
+    ("class_baseline_ssim", "class-mean SSIM", ".3f"),
     ("record_auc", "record MIA AUC", ".3f"),
     ("record_tpr_at_1pct_fpr", "record TPR@1%FPR", ".3f"),
     ("subject_auc", "subject MIA AUC", ".3f"),
@@ -31,7 +32,7 @@ COLUMNS = [
     ("bytes_down", "MB down", "mb"),
     ("wall_s", "train s", ".1f"),
 ]
-STAGE_OF = {"psnr": "inversion", "ssim": "inversion", "class_baseline_psnr": "inversion", "baseline_psnr": "inversion",
+STAGE_OF = {"psnr": "inversion", "ssim": "inversion", "class_baseline_ssim": "inversion", "class_baseline_psnr": "inversion", "baseline_psnr": "inversion",
             "record_auc": "record_mia", "audit_claimed_epsilon": "audit", "record_tpr_at_1pct_fpr": "record_mia", "audit_epsilon_lb": "audit",
             "subject_auc": "utility", "subject_tpr_at_1pct_fpr": "utility"}
 PLOTS = [("psnr", "inversion PSNR (dB, higher = more leakage)"), ("record_auc", "record MIA AUC (RMIA)"),
@@ -81,17 +82,40 @@ def summary_rows(cells: list[dict], df: pd.DataFrame) -> list[dict]:
             vals = g[g["metric"] == metric]["value"].tolist()
             if not vals:
                 stage = STAGE_OF.get(metric)
-                row["texts"][metric] = "none" if metric == "epsilon" else "n/a" if stage in na else "-"
+                why = na.get(stage, "")
+                row["texts"][metric] = ("none" if metric == "epsilon" else "not built" if why.startswith("not built")
+                                        else "refused" if why.startswith("refused") else "n/a" if why else "-")
                 continue
             mean, half = t_interval(vals)
             row["values"][metric] = (mean, half)
             row["texts"][metric] = _fmt(mean, fmt) + ("" if math.isnan(half) else f" ± {_fmt(half, fmt)}")
+        from .defenses import DEFENCES, RECORD_ATTACK, SUBJECT_ATTACK
+
+        d = DEFENCES.get(de) if de in DEFENCES else None
+        if d is not None:
+            row["notes"].append(d.description + (f" (REDUCED: {d.reduced})" if d.reduced else ""))
+        m0 = ok[0]["metrics"]
+        if m0.get("privacy_unit"):
+            row["notes"].append(f"epsilon per {m0['privacy_unit']}; trust: {m0.get('privacy_trust_model')}")
         for stage, why in na.items():
             row["notes"].append(f"{stage}: {why}")
-        if ok[0]["metrics"].get("privacy_unit"):
-            row["notes"].append(f"epsilon per {ok[0]['metrics']['privacy_unit']}")
-        if ok[0]["metrics"].get("inversion_attack"):
-            row["notes"].append(f"best inversion: {', '.join(sorted({c['metrics'].get('inversion_attack', '') for c in ok}))}")
+        if m0.get("inversion_attack"):
+            row["notes"].append(f"inversion: {m0['inversion_attack']} (other attacks of the row in the CSV)")
+        if "record_auc" in row["values"]:
+            row["notes"].append(f"record MIA: {RECORD_ATTACK}")
+            if not all(c["metrics"].get("record_fpr_resolved_1pct", 1) for c in ok):
+                row["notes"].append("record TPR@1%FPR unresolved (too few non-members): it is TPR at FPR 0")
+        if "subject_auc" in row["values"]:
+            row["notes"].append(f"subject MIA: {SUBJECT_ATTACK} on the {int(m0.get('subject_non_members', 0))} non-member subjects not used "
+                                "for calibration and the members likewise")
+            if not all(c["metrics"].get("subject_fpr_resolved_1pct", 1) for c in ok):
+                row["notes"].append("subject TPR@1%FPR unresolved (too few non-member subjects): it is TPR at FPR 0")
+        if "audit_epsilon_lb" in row["values"]:
+            units = sorted({str(c["metrics"].get("audit_unit")) for c in ok})
+            row["notes"].append(f"audit: {'/'.join(units)} canaries against the claim for that unit")
+            bad = sum(c["metrics"].get("audit_violated", 0) for c in ok)
+            if bad:
+                row["notes"].append(f"AUDIT FAILED in {bad} of {len(ok)} seeds (the bound exceeds the claim)")
         rows.append(row)
     return rows
 
@@ -195,8 +219,10 @@ def write_all(out: Path, cells: list[dict], settings, *, invocations: list[dict]
     header = []
     if quick:
         header.append("**WEAKENED ATTACKS (--quick): inversion PSNR/SSIM are not what the attacks can do.**")
-    header.append(f"Settings: {settings.label()}. Cells: {sum(c['status'] == 'ok' for c in cells)} ok, "
-                  f"{sum(c['status'] == 'refused' for c in cells)} refused, {sum(c['status'] == 'failed' for c in cells)} failed. "
+    label = cells[0]["settings"] if cells else settings.label()  # what made the cells, not this command's defaults
+    header.append(f"Settings: {label}. Cells: {sum(c['status'] == 'ok' for c in cells)} ok, "
+                  f"{sum(c['status'] == 'refused' for c in cells)} refused, {sum(c['status'] == 'failed' for c in cells)} failed, "
+                  f"{sum(c['status'] not in ('ok', 'refused', 'failed') for c in cells)} other (n/a or diverged). "
                   "Values: mean ± half-width of the 95% Student-t interval over seeds (no ± with one seed).")
     cell_s = ct["cell_s"].dropna().sum() if "cell_s" in ct else 0.0
     for inv in invocations:
