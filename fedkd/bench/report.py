@@ -102,7 +102,8 @@ def summary_rows(cells: list[dict], df: pd.DataFrame) -> list[dict]:
         if m0.get("inversion_attack"):
             row["notes"].append(f"inversion: {m0['inversion_attack']} (other attacks of the row in the CSV)")
         if "record_auc" in row["values"]:
-            row["notes"].append(f"record MIA: {RECORD_ATTACK}")
+            n = sorted({int(c["metrics"].get("record_candidates", 0)) for c in ok})
+            row["notes"].append(f"record MIA: {RECORD_ATTACK}" + (f", {'/'.join(map(str, n))} candidates" if n != [0] else ""))
             if not all(c["metrics"].get("record_fpr_resolved_1pct", 1) for c in ok):
                 row["notes"].append("record TPR@1%FPR unresolved (too few non-members): it is TPR at FPR 0")
         if "subject_auc" in row["values"]:
