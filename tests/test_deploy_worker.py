@@ -38,6 +38,7 @@ def node_dir(monkeypatch):
     """A short cache folder (Unix socket paths are limited to 108 bytes); workers started there are stopped."""
     d = Path(tempfile.mkdtemp(prefix="fkw-", dir="/tmp"))
     monkeypatch.setenv(wk.CACHE_ENV, str(d))
+    monkeypatch.setattr(wk, "in_clientapp_process", lambda: True)  # as in a SuperNode's flwr-clientapp process
     yield d
     for pid_file in d.glob("worker-*.pid"):
         pid = _pid(d)

@@ -1,11 +1,11 @@
 """A warm worker per SuperNode: the ClientApp's messages run in one long-lived process (``deploy.warm_worker``).
 
 Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message a SuperNode receives; fedkd's client
-side then imports torch and fedkd and loads the partitions before it can train (seconds per message). With
-``FEDKD_CACHE_DIR`` set (``fedkd deploy local`` and docker-compose give every SuperNode its own folder) and
-``deploy.warm_worker = true`` (the default), the ClientApp's outermost mod (:func:`forward_mod`, in
-``fedkd/apps.py``) instead hands the message to a worker process of that node, which has torch and fedkd
-imported, runs the very same ``fedkd.apps.client_app`` on it, and returns the reply:
+side then imports torch and fedkd and loads the partitions before it can train (seconds per message). In a
+``flwr-clientapp`` process with ``FEDKD_CACHE_DIR`` set (``fedkd deploy local`` and docker-compose give every
+SuperNode its own folder) and ``deploy.warm_worker = true`` (the default), the ClientApp's outermost mod
+(:func:`forward_mod`, in ``fedkd/apps.py``) instead hands the message to a worker process of that node, which
+has torch and fedkd imported, runs the very same ``fedkd.apps.client_app`` on it, and returns the reply:
 
 - **Wire**: a Unix-domain socket ``worker-<code>.sock`` in the node's cache folder (created 0600 under a 0700
   folder, and its owner checked before use: only the node's user can talk to it). A request is a JSON header
@@ -143,10 +143,16 @@ def enabled(msg: Message) -> tuple[bool, float]:
 
 
 # --------------------------------------------------------------------------- the ClientApp side
+def in_clientapp_process() -> bool:
+    """Whether this is a deployed SuperNode's ``flwr-clientapp`` process (Flower's own test for it); the
+    simulations' Ray actors run messages in warm processes already and never forward."""
+    return sys.argv[0].endswith("flwr-clientapp")
+
+
 def forward_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod (outermost): run the message in the node's warm worker, else ``call_next``."""
     cache_dir = os.environ.get(CACHE_ENV)
-    if IN_WORKER or not cache_dir:
+    if IN_WORKER or not cache_dir or not in_clientapp_process():
         return call_next(msg, context)
     on, idle_s = enabled(msg)
     if not on:
