@@ -228,3 +228,62 @@ def test_warm_worker_off_runs_in_process(node_dir, monkeypatch):
     msg = _message(cfg, "local")
     _same(client_app(msg, _ctx()), _direct(monkeypatch, msg, _ctx()))
     assert not wk.socket_path(node_dir).exists() and _pid(node_dir) is None
+
+
+def test_a_forwarding_clientapp_process_imports_neither_torch_nor_fedkd_clients(node_dir):
+    """The point of the worker: the per-message process stays at Flower + numpy (a fake worker answers here)."""
+    import subprocess
+    import sys
+
+    from flwr.app import MetricRecord
+
+    def answer(conn):
+        header, parts = wk._recv(conn)
+        msg, ctx = wk.decode(*parts)
+        ctx.state["seen"] = ConfigRecord({"round": 1})
+        wk._send(conn, {"ok": True}, *wk.encode(Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=msg), ctx))
+
+    t = _fake_worker(wk.socket_path(node_dir), answer)
+    code = f"""
+import sys
+sys.argv[0] = "/venv/bin/flwr-clientapp"
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+import fedkd.apps
+conf = ConfigRecord({{"{keys.EXPERIMENT}": sys.stdin.read(), "{keys.CLIENT_LOGIC}": "weights"}})
+msg = Message(RecordDict({{"{keys.CONFIG}": conf}}), dst_node_id=101, message_type="train")
+msg.metadata.__dict__["_message_id"] = msg.object_id
+ctx = Context(run_id=1, node_id=101, node_config={{"partition-id": 0}}, state=RecordDict(), run_config={{}})
+reply = fedkd.apps.client_app(msg, ctx)
+print(dict(reply.content["metrics"]), dict(ctx.state["seen"]), sorted(m for m in ("torch", "fedkd.clients", "pandas", "sklearn") if m in sys.modules))
+"""
+    cfg = load_config(None, TINY)
+    out = subprocess.run([sys.executable, "-c", code], input=cfg.to_json(), capture_output=True, text=True, timeout=120)
+    t.join(5)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "{'x': 1.0} {'round': 1} []"
+
+
+def test_the_worker_exits_when_its_parent_is_gone_and_when_idle(node_dir):
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen(["sleep", "600"])
+    sock_a, sock_b = node_dir / "a.sock", node_dir / "b.sock"
+    run = [sys.executable, "-m", "fedkd.deploy.worker"]
+    orphan = subprocess.Popen(run + ["--socket", str(sock_a), "--parent", str(parent.pid), "--idle", "600"])
+    idle = subprocess.Popen(run + ["--socket", str(sock_b), "--idle", "1"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (sock_a.exists() and sock_b.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parent.kill()
+        parent.wait()
+        assert orphan.wait(timeout=60) == 0 and idle.wait(timeout=60) == 0
+        assert not sock_a.exists() and not sock_b.exists()  # each removed its own socket
+    finally:
+        for p in (parent, orphan, idle):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
