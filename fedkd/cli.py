@@ -209,7 +209,8 @@ class _QuietParser(argparse.ArgumentParser):
 def _early_start(argv: list[str]):
     """For ``fedkd run CONFIG ...`` that will start a local Ray: an :class:`~fedkd.simulation.ActorPool` started
     in this (main) thread, Ray's driver must be, while another thread imports the subcommands' modules
-    (torch, the plugins: about 2 s), which ``build_parser`` would otherwise do first. None for anything else."""
+    (torch, the plugins: about 2 s), which ``build_parser`` would otherwise do first, and loads the data
+    (scikit-learn, partitioning: 1-3 s), which the preflight check would do after Ray. None for anything else."""
     if argv[:1] != ["run"] or any(a in ("-h", "--help") or a.startswith("--resume") for a in argv[1:]):
         return None
     p = _QuietParser(add_help=False)
@@ -232,6 +233,14 @@ def _early_start(argv: list[str]):
             _load_commands()
         except BaseException as e:  # noqa: BLE001  re-raised below, in this thread
             box["error"] = e
+            return
+        try:  # the data too (load_federation is cached, so the preflight check and the run reuse it)
+            from fedkd.config import load_config
+            from fedkd.preflight import check_data
+
+            check_data(load_config(ns.config, ns.overrides))
+        except Exception:  # noqa: BLE001  cmd_run's own validation and preflight report any problem
+            pass
 
     t = threading.Thread(target=load, name="fedkd-imports", daemon=True)
     t.start()
