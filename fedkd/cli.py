@@ -219,11 +219,6 @@ def _early_start(argv: list[str]):
         ns, _ = p.parse_known_args(argv[1:])
     except _NoParse:
         return None
-    from fedkd.simulation import early_pool
-
-    pool = early_pool(ns.config, ns.overrides)
-    if pool is None:
-        return None
     import threading
 
     box: dict = {}
@@ -243,12 +238,22 @@ def _early_start(argv: list[str]):
             pass
 
     t = threading.Thread(target=load, name="fedkd-imports", daemon=True)
-    t.start()
+    t.start()  # first: it has the most to do
+    pool = None
     try:
+        from fedkd.simulation import early_pool
+
+        pool = early_pool(ns.config, ns.overrides)
+        if pool is None:  # no local Ray to start: build_parser needs the imports anyway
+            t.join()
+            if "error" in box:
+                raise box["error"]
+            return None
         pool.start()
     except BaseException:
         t.join()
-        pool.close()
+        if pool is not None:
+            pool.close()
         raise
     t.join()
     if "error" in box:
