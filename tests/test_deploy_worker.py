@@ -287,3 +287,8 @@ def test_the_worker_exits_when_its_parent_is_gone_and_when_idle(node_dir):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_message_without_fedkd_config_json_is_not_forwarded():
+    conf = ConfigRecord({keys.EXPERIMENT: "not json"})
+    assert wk.enabled(Message(RecordDict({keys.CONFIG: conf}), dst_node_id=1, message_type="train")) == (False, 0.0)

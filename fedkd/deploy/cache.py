@@ -69,7 +69,7 @@ def node_federation(data_cfg, seed: int):
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
         pass  # not there yet (or unreadable): build it and write it
     fed = load_federation(data_cfg, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the node's own: a pickle is code
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -7,8 +7,9 @@ SuperNode its own folder) and ``deploy.warm_worker = true`` (the default), the C
 (:func:`forward_mod`, in ``fedkd/apps.py``) instead hands the message to a worker process of that node, which
 has torch and fedkd imported, runs the very same ``fedkd.apps.client_app`` on it, and returns the reply:
 
-- **Wire**: a Unix-domain socket ``worker-<code>.sock`` in the node's cache folder (created 0600 under a 0700
-  folder, and its owner checked before use: only the node's user can talk to it). A request is a JSON header
+- **Wire**: a Unix-domain socket ``worker-<code>.sock`` in the node's cache folder, created 0600 (bound under
+  umask 077, then renamed into place; fedkd creates the folder 0700) and its owner and mode checked before use:
+  connecting needs write permission on the socket, so only the node's user can talk to it. A request is a JSON header
   (Flower's task identity) plus the message and the Context as Flower's own protobufs
   (``message_to_proto``/``context_to_proto``, the encoding the runtime uses between the SuperNode and the
   ClientApp process); the reply is the reply message and the Context after the call, whose ``state`` goes back
@@ -138,8 +139,11 @@ def enabled(msg: Message) -> tuple[bool, float]:
     text = msg.content.config_records[keys.CONFIG].get(keys.EXPERIMENT)
     if not text:
         return False, 0.0
-    deploy = json.loads(str(text)).get("deploy", {})
-    return bool(deploy.get("warm_worker", True)), float(deploy.get("worker_idle_s", 900.0))
+    try:
+        deploy = json.loads(str(text)).get("deploy", {})
+        return bool(deploy.get("warm_worker", True)), float(deploy.get("worker_idle_s", 900.0))
+    except (ValueError, AttributeError, TypeError):  # not fedkd's experiment JSON: the ClientApp handles it itself
+        return False, 0.0
 
 
 # --------------------------------------------------------------------------- the ClientApp side
