@@ -15,6 +15,9 @@ Every phase is a real deployment on 127.0.0.1 (one SuperLink, N SuperNodes, ``fl
 - ``after``: this tree's ``fedkd deploy local``, same experiment, default settings.
 - ``compute``: the round's compute, measured in this process: per node, evaluating the received model on its
   test split plus training it (the slowest node counts, nodes run in parallel), plus the server's evaluation.
+  It is measured before the first phase and again after every phase (torch's threads slow down by large factors
+  when other jobs load the cores, so one figure taken at the start can be far from the one a phase met); each
+  phase is compared against the mean of the two measurements that bracket it.
 
 Seconds per round are the mean of rounds 2..R (round 1 also installs the app and warms the SuperNodes); the
 first round and the whole command are reported too. Ratios: ``before``/``after`` against ``floor`` and
@@ -154,36 +157,47 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds must be >= 2 (round 1 is reported apart)")
 
     rows = []
-    compute = round_compute(args.nodes, args.rounds)
-    print(f"compute: {compute:.3f} s/round (max over {args.nodes} nodes of evaluate+train, plus the server's evaluation)", flush=True)
+    computes = [round_compute(args.nodes, args.rounds)]
+    print(f"compute: {computes[0]:.3f} s/round (max over {args.nodes} nodes of evaluate+train, plus the server's evaluation; load {os.getloadavg()[0]:.1f})", flush=True)
+    bracket: dict[str, float] = {}
+
+    def measured(name: str) -> None:  # compute again after each phase: the phase gets the mean of its two brackets
+        computes.append(round_compute(args.nodes, args.rounds))
+        bracket[name] = (computes[-2] + computes[-1]) / 2
+        print(f"compute: {computes[-1]:.3f} s/round (load {os.getloadavg()[0]:.1f})", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedkd-deploy-speed-") as tmp:
         scratch = Path(tmp)
         results: dict[str, dict] = {}
         if "floor" not in args.skip:
             results["floor"] = run_floor(args.nodes, args.rounds, scratch)
             print(f"floor:   {steady(results['floor']['round_s']):.2f} s/round  {results['floor']['round_s']}", flush=True)
+            measured("floor")
         if "before" not in args.skip:
             tree = source_tree(args.before_rev, scratch / "before-tree")
             results["before"] = run_fedkd(tree, args.nodes, args.rounds, scratch / "before-run", [])
             print(f"before:  {steady(results['before']['round_s']):.2f} s/round  {results['before']['round_s']}", flush=True)
+            measured("before")
         if "after" not in args.skip:
             import shlex
 
             results["after"] = run_fedkd(None, args.nodes, args.rounds, scratch / "after-run", shlex.split(args.after_args))
             print(f"after:   {steady(results['after']['round_s']):.2f} s/round  {results['after']['round_s']}", flush=True)
+            measured("after")
 
     floor = steady(results["floor"]["round_s"]) if "floor" in results else None
     print()
     print(f"reduced: {args.nodes} SuperNodes on 127.0.0.1, {args.rounds} rounds; s/round = mean of rounds 2..{args.rounds}")
-    print(f"{'phase':<8} {'s/round':>8} {'round 1':>8} {'command s':>9} {'x floor':>8} {'x (floor+compute)':>17} {'accuracy':>8}")
-    print(f"{'compute':<8} {compute:>8.3f}")
+    print(f"{'phase':<8} {'s/round':>8} {'round 1':>8} {'command s':>9} {'compute':>8} {'x floor':>8} {'x (floor+compute)':>17} {'accuracy':>8}")
+    print(f"{'compute':<8} {statistics.median(computes):>8.3f}   (median; measured {', '.join(f'{c:.3f}' for c in computes)})")
     for name, r in results.items():
         s = steady(r["round_s"])
+        compute = bracket[name]  # the compute measured around this phase
         x_floor = s / floor if floor else float("nan")
+        # the floor's phase ran at another time: floor + this phase's compute
         x_fc = s / (floor + compute) if floor else float("nan")
         acc = r.get("accuracy")
         acc_s = "-" if acc is None else f"{acc:.4f}"
-        print(f"{name:<8} {s:>8.2f} {r['round_s'][0]:>8.2f} {r['wall_s']:>9.1f} {x_floor:>8.2f} {x_fc:>17.2f} {acc_s:>8}")
+        print(f"{name:<8} {s:>8.2f} {r['round_s'][0]:>8.2f} {r['wall_s']:>9.1f} {compute:>8.3f} {x_floor:>8.2f} {x_fc:>17.2f} {acc_s:>8}")
         rows.append({"phase": name, "nodes": args.nodes, "rounds": args.rounds, "s_per_round": s, "round1_s": r["round_s"][0],
                      "command_s": r["wall_s"], "compute_s": compute, "x_floor": x_floor, "x_floor_plus_compute": x_fc,
                      "accuracy": acc})  # fmt: skip

@@ -19,10 +19,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd import keys
+from fedkd.deploy.worker import forward_mod
 
 # Imports are lazy: in a deployment every message starts a fresh ClientApp process that imports this module,
 # so it pulls in only Flower here and the client side (fedkd.clients, its mods, the config sections) on the
-# first message. The ServerApp's imports happen in its main.
+# first message it runs itself. With a warm worker (fedkd.deploy.worker, deploy.warm_worker) the ClientApp
+# process forwards the message to the node's worker, which runs this same client_app, and never imports torch.
+# The ServerApp's imports happen in its main.
 
 
 def _client_mods(msg: Message, context: Context, call_next) -> Message:
@@ -37,7 +40,9 @@ def _client_mods(msg: Message, context: Context, call_next) -> Message:
     return handler(msg, context)
 
 
-client_app = ClientApp(mods=[_client_mods])
+# forward_mod is outermost: in a deployment with FEDKD_CACHE_DIR it hands the message to the node's warm
+# worker, which calls this client_app again (where forward_mod passes it on); elsewhere it is a no-op.
+client_app = ClientApp(mods=[forward_mod, _client_mods])
 
 
 def _logic_env(msg: Message, context: Context):

@@ -139,3 +139,23 @@ def test_clientapp_module_imports_neither_torch_nor_pandas():
     code = "import sys, fedkd.apps; print(sorted(m for m in ('torch', 'pandas', 'sklearn', 'scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_preloaded_federation_is_returned_without_building_one(monkeypatch):
+    """The fast path's actors get the driver's federation (pickled) instead of loading the data again."""
+    import pickle
+
+    import fedkd.data
+    from fedkd.deploy import cache
+
+    cfg = load_config(None, TINY)
+    fed = fedkd.data.load_federation(cfg.data, cfg.run.seed)
+    monkeypatch.delenv(cache.CACHE_ENV, raising=False)
+    monkeypatch.setattr(cache, "_PRELOADED", {})
+    monkeypatch.setattr(fedkd.data, "load_federation", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    copy = pickle.loads(pickle.dumps(fed))
+    cache.preload(cfg.data, cfg.run.seed, copy)
+    assert cache.node_federation(cfg.data, cfg.run.seed) is copy
+    np.testing.assert_array_equal(copy.clients[1].train.x, fed.clients[1].train.x)
+    with pytest.raises(AssertionError, match="rebuilt"):  # another seed was not preloaded
+        cache.node_federation(cfg.data, cfg.run.seed + 1)

@@ -10,6 +10,9 @@ ClientApp of a run builds the federation with :func:`fedkd.data.load_federation`
 The file name is a hash of the data config, the seed, fedkd's version and the size and modification time of
 the code that builds federations (``fedkd/data/*.py``), so a changed experiment or partitioner never reads a
 stale file. Delete the folder to rebuild. The folder must be the node's own: a pickle is code.
+
+:func:`preload` hands a process a federation built elsewhere (the fast path's driver sends the one it loaded to
+its actors, so they import no scikit-learn and partition nothing); ``node_federation`` returns it first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ import tempfile
 from pathlib import Path
 
 CACHE_ENV = "FEDKD_CACHE_DIR"
+_PRELOADED: dict = {}  # (data config, seed) -> Federation handed to this process by preload()
+
+
+def preload(data_cfg, seed: int, fed) -> None:
+    """Make ``node_federation(data_cfg, seed)`` return ``fed`` in this process (the last 4 are kept)."""
+    _PRELOADED.pop((data_cfg, seed), None)
+    _PRELOADED[(data_cfg, seed)] = fed
+    while len(_PRELOADED) > 4:
+        _PRELOADED.pop(next(iter(_PRELOADED)))
 
 
 def _fingerprint() -> str:
@@ -40,7 +52,11 @@ def cache_path(directory: str | Path, data_cfg, seed: int) -> Path:
 
 
 def node_federation(data_cfg, seed: int):
-    """``load_federation(data_cfg, seed)``, through the node's cache when ``FEDKD_CACHE_DIR`` is set."""
+    """``load_federation(data_cfg, seed)``, through the node's cache when ``FEDKD_CACHE_DIR`` is set (a
+    federation :func:`preload`-ed into this process comes first)."""
+    fed = _PRELOADED.get((data_cfg, seed))
+    if fed is not None:
+        return fed
     from fedkd.data import load_federation
 
     directory = os.environ.get(CACHE_ENV)
@@ -53,7 +69,7 @@ def node_federation(data_cfg, seed: int):
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
         pass  # not there yet (or unreadable): build it and write it
     fed = load_federation(data_cfg, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # the node's own: a pickle is code
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
