@@ -58,10 +58,19 @@ class GlobalModelRecorder:
         self.states: dict[int, dict[str, torch.Tensor]] = {}
         self.folder = Path(folder) if folder is not None else None
 
+    def _model_state(self, arrays) -> dict[str, torch.Tensor]:
+        """The global model's state dict; FedDF packs one model per architecture group as "<model>/<param>": the
+        group of this experiment's (first) model is the global model the attacks load."""
+        state = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
+        prefix = f"{self.cfg.model.name[0]}/"
+        if state and all("/" in k for k in state) and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return state
+
     def _keep(self, rnd: int, msg) -> None:
         if rnd in self.states or not msg.has_content() or keys.ARRAYS not in msg.content.array_records:
             return
-        state = {k: v.detach().clone() for k, v in msg.content[keys.ARRAYS].to_torch_state_dict().items()}
+        state = self._model_state(msg.content[keys.ARRAYS])
         self.states[rnd] = state
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,7 @@ class GlobalModelRecorder:
 
     def add_final(self, server_round: int, arrays) -> None:
         if arrays is not None and server_round not in self.states:
-            self.states[server_round] = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
+            self.states[server_round] = self._model_state(arrays)
 
     def observation(self) -> RoundsObservation:
         name, shape, k, hidden, dropout = _describe(self.cfg)

@@ -128,3 +128,16 @@ def test_record_mia_with_reference_federations(tmp_path):
     loss = -res.scores["loss"]
     assert np.median(loss[res.truth]) < np.median(loss[~res.truth])  # the target did train on its half (members fit better)
     assert rows["lira-online"]["members"] == int(res.truth.sum()) and rows["loss"]["references"] == 2
+
+
+def test_feddf_global_model_is_recorded_as_the_model_it_deploys(one_thread):
+    """FedDF packs one model per architecture group ("cnn/0.weight"): the recorder keeps the experiment's group,
+    which loads into the architecture and scores what summary.json's accuracy scores."""
+    cfg = load_config(None, ["data.dataset=digits", "data.num_clients=2", "run.rounds=2", "train.local_epochs=1", "model.name=cnn",
+                             "strategy.name=feddf", "feddf.max_steps=20", "feddf.eval_every=10", "feddf.patience=20",
+                             "strategy.fraction_evaluate=0"])
+    summary, rounds = federations.run_federation(cfg)
+    fed = load_federation(cfg.data, cfg.run.seed)
+    assert [m.server_round for m in rounds.models] == [0, 1, 2]
+    acc = float((mb.logits_of(rounds.models[-1], fed.server_test.x).argmax(1) == fed.server_test.y).mean())
+    assert acc == pytest.approx(summary["accuracy"])
