@@ -227,8 +227,9 @@ def write_all(out: Path, cells: list[dict], settings, *, invocations: list[dict]
                   "Values: mean ± half-width of the 95% Student-t interval over seeds (no ± with one seed).")
     cell_s = ct["cell_s"].dropna().sum() if "cell_s" in ct else 0.0
     for inv in invocations:
-        header.append(f"Ran `{inv['command']}` at {inv['started']}: {inv['cells_run']} cells in {inv['wall_s']:.0f} s "
-                      f"(load average at the end {inv['load_average'][0]:.1f}).")
+        load = inv.get("load_average")
+        header.append(f"Ran `{inv['command']}` at {inv['started']}: {inv['cells_run']} cells in {inv['wall_s']:.0f} s"
+                      + (f" (load average at the end {load[0]:.1f})." if load else "."))
     header.append(f"Sum of cell times {cell_s:.0f} s; table written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     rows = summary_rows(cells, df)
     paths["markdown"].write_text(markdown(rows, header) + "\n")
