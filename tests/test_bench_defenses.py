@@ -102,10 +102,11 @@ def test_a_failed_stage_loses_the_stages_before_it_nothing_and_is_retried(tmp_pa
 
 
 def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
-    assert main(["bench", "defenses", "--defences", "nope", "--out", str(tmp_path / "b")]) == 2
+    assert main(["bench", "defenses", "--defences", "nope", "--out", str(tmp_path / "b")]) == 2  # default datasets include mnist
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope" in err and "dp-sgd-eps8" in err and "Traceback" not in err
     assert main(["bench", "defenses", "--datasets", "cifar", "--out", str(tmp_path / "b")]) == 2
+    assert main(["bench", "defenses", "--datasets", "digits", "--attack-batch", "0", "--out", str(tmp_path / "b")]) == 2
     assert main(["bench", "defenses", "--references", "1", "--out", str(tmp_path / "b")]) == 2
 
 

@@ -213,6 +213,7 @@ def test_ctrl_c_stops_every_process(scratch):
     p = subprocess.Popen(
         [sys.executable, "-m", "fedkd", "deploy", "local", "--nodes", "2", *TINY, "--out", str(scratch / "run")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even when the runner ignores SIGINT
     )  # fmt: skip
     seen = []
     deadline = time.monotonic() + 120

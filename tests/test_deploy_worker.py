@@ -90,12 +90,16 @@ def _same(a: Message, b: Message) -> None:
     assert a.metadata.reply_to_message_id == b.metadata.reply_to_message_id != ""
     assert a.metadata.message_type == b.metadata.message_type
     assert set(a.content.keys()) == set(b.content.keys())
-    assert {k: dict(v) for k, v in a.content.metric_records.items()} == {k: dict(v) for k, v in b.content.metric_records.items()}
+    # the same computation; the worker process may run torch with another thread count, which changes the order of
+    # float reductions (seen: a loss differing in the 9th digit under a loaded full test run), so not bit for bit
+    ma = {k: dict(v) for k, v in a.content.metric_records.items()}
+    mb = {k: dict(v) for k, v in b.content.metric_records.items()}
+    assert ma.keys() == mb.keys() and all(ma[k] == pytest.approx(mb[k], rel=1e-6) for k in ma)
     assert {k: dict(v) for k, v in a.content.config_records.items()} == {k: dict(v) for k, v in b.content.config_records.items()}
     xa, xb = _arrays(a), _arrays(b)
     assert xa.keys() == xb.keys()
     for k in xa:
-        np.testing.assert_array_equal(xa[k], xb[k])
+        np.testing.assert_allclose(xa[k], xb[k], rtol=1e-5, atol=1e-6)
 
 
 def _direct(monkeypatch, msg, ctx):

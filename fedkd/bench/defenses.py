@@ -521,9 +521,9 @@ def main(args) -> int:
     s = settings_from_args(args)
     out = Path(s.out)
     datasets = list(args.datasets)
+    cells = plan(datasets, args.defences or DEFENCES.names(), args.seeds)  # unknown names first
     if "mnist" in datasets and not Path(s.mnist_dir).is_dir():
         raise ConfigError("--datasets", f"mnist needs the IDX files in {s.mnist_dir}")
-    cells = plan(datasets, args.defences or DEFENCES.names(), args.seeds)
     t0 = time.perf_counter()
     if not args.report_only:
         for ds in dict.fromkeys(ds for ds, _, _ in cells):  # the --set overrides must load on every dataset (one line, exit 2)

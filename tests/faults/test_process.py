@@ -26,9 +26,17 @@ def _argv(out, *sets):
     return argv
 
 
+def _default_sigint():
+    """A test runner started as a background job inherits SIGINT ignored (the shell's rule for asynchronous
+    commands), and a Python child that starts with SIGINT ignored never raises KeyboardInterrupt: give fedkd
+    the disposition it has in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv):
     env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
+                            preexec_fn=_default_sigint)
 
 
 def _cleanup(proc):
