@@ -20,7 +20,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
 
-# tests marked slow: real deployments that wait on Flower's timers (a SuperNode killed and restarted: minutes)
+# tests marked slow: real deployments that wait on Flower's timers (a SuperNode killed and restarted: minutes) and
+# strategies on Flower's own simulation engine (one such run stays in make test: test_federation.py)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q tests -m slow $(ARGS)
 

@@ -10,7 +10,7 @@ from fedkd.config import load_config  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a real deployment that waits on Flower's timers (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: a real deployment that waits on Flower's timers, or a strategy on Flower's own simulation engine (make test-slow; deselect with -m 'not slow')")
 
 
 def small(*overrides: str):

@@ -83,6 +83,7 @@ def test_fd_beta_must_be_non_negative():
         small("strategy.name=fd", "fd.beta=-1")
 
 
+@pytest.mark.slow  # Flower's own engine (test_federation.py keeps one such run in `make test`)
 def test_fd_on_flowers_own_simulation_keeps_client_models_across_rounds(tmp_path):
     s = run_experiment(small("strategy.name=fd", HETERO, "simulation.backend=flower", "data.num_clients=3"), tmp_path / "fl", progress=False)
     assert s["status"] == "ok" and s["personal_accuracy_mean"] is not None

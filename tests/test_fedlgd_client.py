@@ -141,7 +141,7 @@ def exchanges():
     return log, observe
 
 
-@pytest.mark.parametrize("backend", ["fast", "flower"])
+@pytest.mark.parametrize("backend", ["fast", pytest.param("flower", marks=pytest.mark.slow)])  # flower: make test-slow
 def test_two_round_federation_end_to_end(backend, tmp_path, capsys):
     cfg = tiny(f"simulation.backend={backend}")
     log, observe = exchanges()

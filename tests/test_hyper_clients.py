@@ -84,9 +84,15 @@ def test_no_generated_weights_embeddings_or_heads_leave_a_hyperfl_client():
             private = grid.host.contexts[r.metadata.src_node_id].state[keys.STATE_HYPERFL].to_torch_state_dict()
             assert set(private) == {"embedding.weight", "head.fc2_weight", "head.fc2_bias"}
             with torch.no_grad():
-                generated = hyperfl_client_model(cfg, fed, up, private).generate()
+                model = hyperfl_client_model(cfg, fed, up, private)
+                generated = model.generate()
+                dead = not model.hypernet.mlp(model.embedding.weight[0]).any()
             assert len(generated) == 6  # conv1, conv2, fc1: weights and biases
-            for name, secret in [*private.items(), *generated.items()]:
+            # when every hidden ReLU of the hypernetwork is dead for this embedding (seen once in a full test run: the
+            # embedding is drawn from OS entropy), the generated body IS the heads' biases: a function of the shared
+            # phi alone, no secret; the embedding and the head must still never leave
+            secrets = [*private.items(), *([] if dead else generated.items())]
+            for name, secret in secrets:
                 assert not any(contains(u, secret) for u in up.values()), f"{name} leaves the client"
             checked["train"] += 1
 
@@ -184,7 +190,9 @@ def test_cli_refuses_a_privacy_mechanism_with_exit_2_and_one_line(tmp_path, caps
     assert err.count("\n") == 0 and "privacy.mechanism" in err and "Traceback" not in err and not out.exists()
 
 
-@pytest.mark.parametrize("strategy,backend", [("hyperfl", "fast"), ("hyperfl", "flower"), ("pfedhn", "fast"), ("pfedhn-pc", "flower")])
+# Flower's own engine for every strategy is in `make test-slow` (test_federation.py keeps it in `make test`)
+@pytest.mark.parametrize("strategy,backend", [("hyperfl", "fast"), pytest.param("hyperfl", "flower", marks=pytest.mark.slow), ("pfedhn", "fast"),
+                                              ("pfedhn-pc", "fast"), pytest.param("pfedhn-pc", "flower", marks=pytest.mark.slow)])
 def test_end_to_end_on_both_backends(tmp_path, strategy, backend):
     model = "hyperfl-cnn" if strategy == "hyperfl" else "pfedhn-cnn"
     cfg = small(f"strategy.name={strategy}", f"model.name={model}", "data.partitioner=iid", "data.num_clients=3",
