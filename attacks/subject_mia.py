@@ -104,3 +104,17 @@ def loss_across_rounds(rounds: RoundsObservation, samples: SubjectSamples, known
 def unknown_subjects(result: SubjectMIAResult, known: KnownMembership) -> np.ndarray:
     """Mask (S,) of the subjects whose membership the adversary did not know (where to measure)."""
     return ~np.isin(result.subjects, known.ids)
+
+
+def adversary_view(subject_model, members: np.ndarray, per_subject: int, known_per_side: int, rng: np.random.Generator
+                   ) -> tuple[SubjectSamples, KnownMembership]:
+    """What the adversary holds for a synthetic-subjects federation: ``per_subject`` fresh samples of every
+    subject's distribution (drawn with ``rng``) and the membership of the first ``known_per_side`` members and
+    non-members (its calibration set)."""
+    xs, ys, ss = [], [], []
+    for subj in range(subject_model.num_subjects):
+        x, y = subject_model.sample(subj, per_subject, rng)
+        xs.append(x), ys.append(y), ss.append(np.full(per_subject, subj))
+    samples = SubjectSamples(np.concatenate(xs), np.concatenate(ys), np.concatenate(ss))
+    known_ids = np.r_[np.flatnonzero(members)[:known_per_side], np.flatnonzero(~members)[:known_per_side]]
+    return samples, KnownMembership(known_ids, members[known_ids])

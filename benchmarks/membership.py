@@ -41,21 +41,13 @@ def _cfg(overrides):
 
 def subject_attack(cfg, rounds, seed: int = 1) -> list[dict]:
     """Suri et al.'s two attacks on one federation; metrics over the subjects the adversary did not know."""
-    from fedkd.attacks import membership as mb
     from fedkd.attacks import mia_metrics as mm
     from fedkd.attacks import subject_mia as sm
     from fedkd.data import load_federation
 
     fed = load_federation(cfg.data, cfg.run.seed)
-    model, members = fed.extras["subject_model"], fed.extras["members"]
-    rng = np.random.default_rng(seed)
-    xs, ys, ss = [], [], []
-    for s in range(model.num_subjects):
-        x, y = model.sample(s, 30, rng)
-        xs.append(x), ys.append(y), ss.append(np.full(30, s))
-    samples = mb.SubjectSamples(np.concatenate(xs), np.concatenate(ys), np.concatenate(ss))
-    known_ids = np.r_[np.flatnonzero(members)[:KNOWN_PER_SIDE], np.flatnonzero(~members)[:KNOWN_PER_SIDE]]
-    known = mb.KnownMembership(known_ids, members[known_ids])
+    members = fed.extras["members"]
+    samples, known = sm.adversary_view(fed.extras["subject_model"], members, 30, KNOWN_PER_SIDE, np.random.default_rng(seed))
     rows = []
     for name, res in (("subject-loss-threshold", sm.loss_threshold(rounds.models[-1], samples, known)),
                       ("subject-loss-across-rounds", sm.loss_across_rounds(rounds, samples, known))):

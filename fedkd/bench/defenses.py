@@ -207,24 +207,15 @@ def stage_utility(dataset, defence, seed, s: BenchSettings, work: Path) -> dict:
 
 def subject_mia(cfg, rounds) -> dict:
     """Suri et al.'s two subject-level attacks on the server's recorded global models."""
-    import numpy as np
-
-    from fedkd.attacks import membership as mb
     from fedkd.attacks import mia_metrics as mm
     from fedkd.attacks import subject_mia as sm
     from fedkd.data import load_federation
     from fedkd.privacy.entropy import numpy_generator
 
     fed = load_federation(cfg.data, cfg.run.seed)
-    model, members = fed.extras["subject_model"], fed.extras["members"]
-    rng = numpy_generator()  # fresh samples of each subject: the adversary's own draws
-    xs, ys, ss = [], [], []
-    for subj in range(model.num_subjects):
-        x, y = model.sample(subj, 30, rng)
-        xs.append(x), ys.append(y), ss.append(np.full(30, subj))
-    samples = mb.SubjectSamples(np.concatenate(xs), np.concatenate(ys), np.concatenate(ss))
-    known_ids = np.r_[np.flatnonzero(members)[:KNOWN_PER_SIDE], np.flatnonzero(~members)[:KNOWN_PER_SIDE]]
-    known = mb.KnownMembership(known_ids, members[known_ids])
+    members = fed.extras["members"]
+    # fresh samples of each subject: the adversary's own draws
+    samples, known = sm.adversary_view(fed.extras["subject_model"], members, 30, KNOWN_PER_SIDE, numpy_generator())
     out = {}
     for name, res in (("loss-threshold", sm.loss_threshold(rounds.models[-1], samples, known)),
                       ("loss-across-rounds", sm.loss_across_rounds(rounds, samples, known))):
@@ -409,9 +400,9 @@ def run_grid(cells: list[tuple[str, str, int]], s: BenchSettings, *, workers: in
     out = Path(s.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for f in (out / "cells").glob("*.json"):  # a finished cell counts only for the settings that made it
-        made = json.loads(f.read_text()).get("settings")
-        if made != s.label() or json.loads(f.read_text()).get("extra", list(s.extra)) != list(s.extra):
-            raise ConfigError("--out", f"{out} holds cells made with other settings ({made}); use another --out or the same settings")
+        made = json.loads(f.read_text())
+        if made.get("settings") != s.label() or made.get("extra", list(s.extra)) != list(s.extra):
+            raise ConfigError("--out", f"{out} holds cells made with other settings ({made.get('settings')}); use another --out or the same settings")
     pending = [c for c in cells if not _done(out, c, s)]
     echo(f"defence grid: {len(cells)} cells, {len(cells) - len(pending)} done before, {len(pending)} to run ({s.label()})")
     t0 = time.perf_counter()
