@@ -63,6 +63,8 @@ def _fmt(v: float, fmt: str) -> str:
 
 def summary_rows(cells: list[dict], df: pd.DataFrame) -> list[dict]:
     """One row per (dataset, defence): each column's text ("mean ± half", "n/a", "refused") and its numbers."""
+    from .defenses import DEFENCES, RECORD_ATTACK, SUBJECT_ATTACK
+
     order = list(dict.fromkeys((c["dataset"], c["defence"]) for c in cells))
     rows = []
     for ds, de in order:
@@ -89,8 +91,6 @@ def summary_rows(cells: list[dict], df: pd.DataFrame) -> list[dict]:
             mean, half = t_interval(vals)
             row["values"][metric] = (mean, half)
             row["texts"][metric] = _fmt(mean, fmt) + ("" if math.isnan(half) else f" ± {_fmt(half, fmt)}")
-        from .defenses import DEFENCES, RECORD_ATTACK, SUBJECT_ATTACK
-
         d = DEFENCES.get(de) if de in DEFENCES else None
         if d is not None:
             row["notes"].append(d.description + (f" (REDUCED: {d.reduced})" if d.reduced else ""))
@@ -121,10 +121,15 @@ def summary_rows(cells: list[dict], df: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def columns(rows: list[dict], dataset: str) -> list[tuple[str, str, str]]:
+    """The table columns that hold a value for some row of ``dataset``."""
+    return [c for c in COLUMNS if any(c[0] in r["values"] for r in rows if r["dataset"] == dataset)]
+
+
 def markdown(rows: list[dict], header: list[str]) -> str:
     lines = list(header)
     for ds in dict.fromkeys(r["dataset"] for r in rows):
-        cols = [c for c in COLUMNS if any(c[0] in r["values"] for r in rows if r["dataset"] == ds)]
+        cols = columns(rows, ds)
         lines += ["", f"#### {ds}", "", "| defence | seeds | " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * (len(cols) + 2)]
         notes = []
         for r in rows:
@@ -181,7 +186,7 @@ def html_report(rows: list[dict], header: list[str], pngs: list[Path], cells: pd
              ".refused{color:#a40}.failed{color:#c00}img{max-width:100%}</style></head><body><h1>fedkd defence benchmark</h1>"]
     parts += [f"<p>{html.escape(h)}</p>" for h in header if h]
     for ds in dict.fromkeys(r["dataset"] for r in rows):
-        cols = [c for c in COLUMNS if any(c[0] in r["values"] for r in rows if r["dataset"] == ds)]
+        cols = columns(rows, ds)
         parts.append(f"<h2>{html.escape(ds)}</h2><table><tr><th>defence</th><th>seeds</th>" + "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in cols)
                      + "<th>notes</th></tr>")
         for r in (r for r in rows if r["dataset"] == ds):
